@@ -1,0 +1,151 @@
+//! The bus: where messages are made durable and routed to the pod and
+//! connection that owns their session or subscribes to their channel.
+//!
+//! One trait, two implementations: [`memory::MemoryBus`] runs the whole fleet
+//! inside one process (embedded mode), and the Redis Streams bus spreads it
+//! over many pods. Both keep the rules of `shared/design/traps.md`:
+//!
+//! * the log is the truth: a message is accepted only once it is in its
+//!   session's or channel's log, and its offset is its position there;
+//!   routing to the live connection is a hint that may be lost;
+//! * connections claim first, then replay the log, then go live, and drop
+//!   what they already delivered (see `gateway::connection`);
+//! * a claim carries an epoch; a newer claim closes the older connection (4409);
+//! * handing a message to a connection never waits ([`Mailbox::offer`]).
+
+mod log;
+mod mailbox;
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::extract::ws::Utf8Bytes;
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+
+pub use log::{Log, Retention};
+pub use mailbox::{ConnId, Control, Inbox, Mailbox, Offer, mailbox};
+
+use crate::pod::PodStatus;
+use crate::protocol::{ChannelName, Offset, SessionId};
+
+/// One message as it sits in a log and travels to connections: rendered
+/// once, shared by every subscriber and every replay.
+#[derive(Debug)]
+pub struct Delivery {
+    /// Its position in its log.
+    pub offset: Offset,
+    /// The offset of the entry appended just before it in the same log, so a
+    /// connection can tell that something between is missing or late.
+    pub prev: Option<Offset>,
+    /// `None` for a direct message to a session.
+    pub channel: Option<ChannelName>,
+    /// The complete `message` frame as sent on the socket.
+    pub frame: Utf8Bytes,
+    /// When it was accepted, for the delivery latency histogram.
+    pub accepted_ms: u64,
+}
+
+/// What a log holds after an offset.
+#[derive(Debug, Default)]
+pub struct Replay {
+    pub entries: Vec<Arc<Delivery>>,
+    /// Some entries after the requested offset were already trimmed by retention.
+    pub gap: bool,
+}
+
+/// Proof of ownership of a session, returned by [`Bus::claim`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    /// Incremented by every claim of the session; a release or a delivery for
+    /// an older epoch is ignored.
+    pub epoch: u64,
+}
+
+/// Who holds a session's live connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub session: SessionId,
+    pub pod: String,
+    pub connected_at: OffsetDateTime,
+}
+
+/// A message offered to the bus.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    pub data: &'a RawValue,
+    /// The sending session, for `send` frames.
+    pub from: Option<&'a SessionId>,
+    /// Makes a retried send return the first offset instead of a duplicate.
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// The bus cannot do what was asked; nothing was half done.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The durable store cannot be reached or refused the write.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub type Result<T, E = BusError> = std::result::Result<T, E>;
+
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Makes `mailbox` the owner of `session`, closing any older connection
+    /// of the session (on any pod) with 4409. From the moment this returns,
+    /// new messages for the session are routed to `mailbox`.
+    async fn claim(&self, session: &SessionId, mailbox: &Mailbox) -> Result<Claim>;
+
+    /// Gives up ownership, unless a newer claim already took it.
+    async fn release(&self, session: &SessionId, claim: Claim);
+
+    /// Appends a direct message to the session's log, then routes it to the
+    /// owning connection if there is one. Returns the message's offset.
+    async fn send_to_session(&self, session: &SessionId, msg: Outgoing<'_>) -> Result<Offset>;
+
+    /// Appends a message to the channel's log, then fans it out to every
+    /// subscriber on every pod.
+    async fn publish(&self, channel: &ChannelName, msg: Outgoing<'_>) -> Result<Offset>;
+
+    /// Retained direct messages of `session` after `after` (all retained ones
+    /// when `None`), oldest first.
+    async fn session_log(&self, session: &SessionId, after: Option<Offset>) -> Result<Replay>;
+
+    /// Retained messages of `channel` after `after`, oldest first.
+    async fn channel_log(&self, channel: &ChannelName, after: Option<Offset>) -> Result<Replay>;
+
+    /// Routes the channel's future messages to `mailbox`. Returns the offset
+    /// of the newest message the channel had at that moment, so that a
+    /// subscriber without `since` starts exactly after it.
+    async fn subscribe(&self, channel: &ChannelName, mailbox: &Mailbox) -> Result<Option<Offset>>;
+
+    /// Stops routing the channel to connection `conn`.
+    async fn unsubscribe(&self, channel: &ChannelName, conn: ConnId);
+
+    /// Where the session is connected, if it is.
+    async fn session_info(&self, session: &SessionId) -> Result<Option<SessionInfo>>;
+
+    /// Closes the session's connection wherever it is (1000). False if it
+    /// is not connected.
+    async fn disconnect(&self, session: &SessionId) -> Result<bool>;
+
+    /// Every pod of the fleet.
+    async fn fleet(&self) -> Result<Vec<PodStatus>>;
+
+    /// Appends an upstream event for backends, if this bus has a stream for
+    /// them. `Ok(false)` when it has none (embedded mode).
+    async fn append_upstream(&self, event_json: &str) -> Result<bool>;
+
+    /// Whether the bus can durably accept messages right now (readiness).
+    async fn check(&self) -> Result<()>;
+}
+
+/// Milliseconds since the Unix epoch, the clock of offsets and retention.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,292 @@
+//! Configuration: one typed struct per subcommand, from CLI flags and
+//! `WSFLEET_*` environment variables. Defaults work on a laptop.
+//!
+//! Secrets (JWT key, API key, Redis URL with password) are wrapped in
+//! [`Secret`] so that no `Debug` or log line ever prints them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wsfleet",
+    version,
+    about = "A horizontally scaled WebSocket connection fleet"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a gateway pod (embedded mode without --redis-url).
+    Serve(Box<ServeConfig>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// Anyone may connect; `?session=` picks the session (random if absent).
+    None,
+    /// A JWT (HS256 or RS256) is required; its `sid`/`sub` claim is the session.
+    Jwt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A value that must never be logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeConfig {
+    /// Address for WebSocket, HTTP API, health and /metrics.
+    #[arg(long, env = "WSFLEET_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Redis URL (redis:// or rediss://). Absent: embedded mode, the whole
+    /// fleet in this one process.
+    #[arg(long, env = "WSFLEET_REDIS_URL")]
+    pub redis_url: Option<Secret>,
+
+    /// This pod's name in the fleet. Default: $POD_NAME, else the hostname.
+    #[arg(long, env = "WSFLEET_POD_NAME")]
+    pub pod_name: Option<String>,
+
+    /// How WebSocket clients authenticate.
+    #[arg(long, env = "WSFLEET_AUTH", value_enum, default_value = "none")]
+    pub auth: AuthMode,
+
+    /// HS256 secret for --auth jwt.
+    #[arg(long, env = "WSFLEET_JWT_HS256_SECRET", hide_env_values = true)]
+    pub jwt_hs256_secret: Option<Secret>,
+
+    /// PEM file with the RS256 public key for --auth jwt.
+    #[arg(long, env = "WSFLEET_JWT_RS256_PUBLIC_KEY_FILE")]
+    pub jwt_rs256_public_key_file: Option<PathBuf>,
+
+    /// API key required as `Authorization: Bearer <key>` on /v1/*. Absent: open.
+    #[arg(long, env = "WSFLEET_API_KEY", hide_env_values = true)]
+    pub api_key: Option<Secret>,
+
+    /// Comma-separated browser origins allowed to open WebSockets. Absent: any.
+    #[arg(long, env = "WSFLEET_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Most WebSocket connections this pod holds at once.
+    #[arg(long, env = "WSFLEET_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Largest WebSocket message (and HTTP API body) in bytes.
+    #[arg(long, env = "WSFLEET_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub max_frame_bytes: usize,
+
+    /// Most channel subscriptions per connection.
+    #[arg(long, env = "WSFLEET_MAX_SUBSCRIPTIONS", default_value_t = 64)]
+    pub max_subscriptions: usize,
+
+    /// Inbound frames per second per connection (burst of the same size).
+    #[arg(long, env = "WSFLEET_RATE_LIMIT_PER_SEC", default_value_t = 100)]
+    pub rate_limit_per_sec: u32,
+
+    /// Outbound queue per connection, in messages; overflow closes it with 1013.
+    #[arg(long, env = "WSFLEET_OUTBOUND_QUEUE", default_value_t = 256)]
+    pub outbound_queue: usize,
+
+    /// Seconds a client has to send its HTTP upgrade request.
+    #[arg(long, env = "WSFLEET_HANDSHAKE_TIMEOUT_S", default_value_t = 10)]
+    pub handshake_timeout_s: u64,
+
+    /// Seconds between server pings; a client silent for two of them is closed.
+    #[arg(long, env = "WSFLEET_HEARTBEAT_S", default_value_t = 25)]
+    pub heartbeat_s: u64,
+
+    /// Messages retained per session and per channel.
+    #[arg(long, env = "WSFLEET_RETENTION_MESSAGES", default_value_t = 1000)]
+    pub retention_messages: usize,
+
+    /// Seconds messages are retained.
+    #[arg(long, env = "WSFLEET_RETENTION_S", default_value_t = 300)]
+    pub retention_s: u64,
+
+    /// Seconds over which a draining pod spreads its reconnect + 1012 closes.
+    #[arg(long, env = "WSFLEET_DRAIN_S", default_value_t = 30)]
+    pub drain_s: u64,
+
+    /// Upper bound of the random `after_ms` a draining pod tells clients to wait.
+    #[arg(long, env = "WSFLEET_RECONNECT_JITTER_MS", default_value_t = 2000)]
+    pub reconnect_jitter_ms: u64,
+
+    /// URL to POST upstream events (connect, disconnect, upstream) to.
+    #[arg(long, env = "WSFLEET_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+
+    /// Redis stream for upstream events (cluster mode).
+    #[arg(
+        long,
+        env = "WSFLEET_UPSTREAM_STREAM",
+        default_value = "wsfleet:upstream"
+    )]
+    pub upstream_stream: String,
+
+    /// Per-connection WebSocket read buffer in bytes (allocated for every
+    /// connection; tungstenite's default is 128 KiB).
+    #[arg(long, env = "WSFLEET_READ_BUFFER_BYTES", default_value_t = 1024)]
+    pub read_buffer_bytes: usize,
+
+    /// Bytes buffered before a write is flushed (0: write each frame at once).
+    #[arg(long, env = "WSFLEET_WRITE_BUFFER_BYTES", default_value_t = 0)]
+    pub write_buffer_bytes: usize,
+
+    /// Log format.
+    #[arg(long, env = "WSFLEET_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// For tests and chaos drills only: lets a `{"type":"panic"}` frame crash
+    /// its connection's task.
+    #[arg(long, env = "WSFLEET_FAULT_INJECTION", default_value_t = false)]
+    pub fault_injection: bool,
+}
+
+/// Why a configuration cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--auth jwt needs --jwt-hs256-secret or --jwt-rs256-public-key-file")]
+    JwtKeyMissing,
+    #[error("reading the RS256 public key {path}: {source}")]
+    JwtKeyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the JWT key is invalid: {0}")]
+    JwtKeyInvalid(String),
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+}
+
+impl ServeConfig {
+    /// Parses a config as the CLI would, for tests and embedding.
+    pub fn from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            config: ServeConfig,
+        }
+        let args = std::iter::once(std::ffi::OsString::from("wsfleet-serve"))
+            .chain(args.into_iter().map(Into::into));
+        Ok(Wrapper::try_parse_from(args)?.config)
+    }
+
+    /// Checks what clap cannot: combinations and non-zero limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let non_zero = [
+            (self.max_connections, "--max-connections"),
+            (self.max_frame_bytes, "--max-frame-bytes"),
+            (self.outbound_queue, "--outbound-queue"),
+            (self.retention_messages, "--retention-messages"),
+            (self.rate_limit_per_sec as usize, "--rate-limit-per-sec"),
+            (self.heartbeat_s as usize, "--heartbeat-s"),
+            (self.handshake_timeout_s as usize, "--handshake-timeout-s"),
+        ];
+        if let Some((_, name)) = non_zero.iter().find(|(v, _)| *v == 0) {
+            return Err(ConfigError::Zero(name));
+        }
+        if self.auth == AuthMode::Jwt
+            && self.jwt_hs256_secret.is_none()
+            && self.jwt_rs256_public_key_file.is_none()
+        {
+            return Err(ConfigError::JwtKeyMissing);
+        }
+        Ok(())
+    }
+
+    /// The pod name: flag or env, else $POD_NAME, else the hostname.
+    pub fn resolved_pod_name(&self) -> String {
+        if let Some(name) = &self.pod_name {
+            return name.clone();
+        }
+        if let Ok(name) = std::env::var("POD_NAME")
+            && !name.is_empty()
+        {
+            return name;
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "wsfleet".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_work_locally() {
+        let c = ServeConfig::from_args(Vec::<String>::new()).unwrap();
+        assert_eq!(c.listen.port(), 8080);
+        assert!(c.redis_url.is_none());
+        assert_eq!(c.max_frame_bytes, 65536);
+        assert_eq!(c.retention_messages, 1000);
+        assert_eq!(c.retention_s, 300);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let c = ServeConfig::from_args([
+            "--api-key",
+            "hunter2",
+            "--auth",
+            "jwt",
+            "--jwt-hs256-secret",
+            "s3cret",
+        ])
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn validation_catches_bad_combinations() {
+        let jwt_without_key = ServeConfig::from_args(["--auth", "jwt"]).unwrap();
+        assert!(matches!(
+            jwt_without_key.validate(),
+            Err(ConfigError::JwtKeyMissing)
+        ));
+        let zero = ServeConfig::from_args(["--outbound-queue", "0"]).unwrap();
+        assert!(matches!(
+            zero.validate(),
+            Err(ConfigError::Zero("--outbound-queue"))
+        ));
+    }
+}

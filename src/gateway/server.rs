@@ -1,0 +1,246 @@
+//! The accept loop and the pod's life: bind, serve, drain, exit.
+//!
+//! HTTP/1 connections are served by hyper directly (rather than
+//! `axum::serve`) for two reasons: a header read timeout bounds how long a
+//! client may take to send its upgrade request, and every connection task is
+//! tracked so that shutdown waits for all of them, upgraded WebSockets
+//! included (tokio-rs/axum#3003).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{AppState, router};
+use crate::auth::Authenticator;
+use crate::bus::memory::MemoryBus;
+use crate::bus::{Bus, Retention};
+use crate::config::{ConfigError, ServeConfig};
+use crate::pod::LocalPod;
+use crate::telemetry::Metrics;
+use crate::upstream::Upstream;
+
+/// Extra time after the drain window for the last closes and HTTP requests.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "cluster mode (--redis-url) is not available in this build yet; run without it for embedded mode"
+    )]
+    ClusterModeUnavailable,
+}
+
+/// A bound, ready-to-run gateway pod.
+pub struct Gateway {
+    listener: TcpListener,
+    state: Arc<AppState>,
+    /// Stops the accept loop, idle HTTP connections and background tasks.
+    shutdown: CancellationToken,
+}
+
+impl Gateway {
+    /// Validates the config, builds the bus and binds the listener.
+    pub async fn bind(config: ServeConfig) -> Result<Self, StartError> {
+        config.validate()?;
+        if config.redis_url.is_some() {
+            return Err(StartError::ClusterModeUnavailable);
+        }
+        let auth = Authenticator::from_config(&config)?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let metrics = Arc::new(Metrics::new());
+        let pod = Arc::new(LocalPod::new(
+            config.resolved_pod_name(),
+            config.max_connections,
+        ));
+        metrics.capacity.set(pod.capacity as i64);
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let retention = Retention {
+            max_messages: config.retention_messages,
+            max_age_ms: config.retention_s.saturating_mul(1000),
+        };
+        let memory = Arc::new(MemoryBus::new(pod.clone(), retention, metrics.clone()));
+        memory.spawn_sweeper(shutdown.clone());
+        let bus: Arc<dyn Bus> = memory;
+        let upstream = Upstream::new(
+            &pod.name,
+            bus.clone(),
+            false,
+            config.webhook_url.clone(),
+            metrics.clone(),
+            &tracker,
+            shutdown.clone(),
+        );
+        let state = Arc::new(AppState {
+            config,
+            pod,
+            bus,
+            metrics,
+            auth,
+            upstream,
+            tracker,
+            drain: CancellationToken::new(),
+            next_conn_id: AtomicU64::new(1),
+        });
+        Ok(Self {
+            listener,
+            state,
+            shutdown,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Serves until `signal` resolves, then drains and returns.
+    pub async fn run(self, signal: impl Future<Output = ()>) {
+        let Gateway {
+            listener,
+            state,
+            shutdown,
+        } = self;
+        let app = router(state.clone());
+        let header_timeout = Duration::from_secs(state.config.handshake_timeout_s);
+        tracing::info!(
+            addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            pod = %state.pod.name,
+            mode = "embedded",
+            "wsfleet serving"
+        );
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            app,
+            state.tracker.clone(),
+            shutdown.clone(),
+            header_timeout,
+        ));
+        signal.await;
+        drain(&state).await;
+        shutdown.cancel();
+        let _ = accept.await;
+        state.tracker.close();
+        if tokio::time::timeout(DRAIN_GRACE, state.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(left = state.tracker.len(), "tasks still running at exit");
+        }
+        tracing::info!("wsfleet stopped");
+    }
+}
+
+/// Turns readiness off, lets every connection leave at its own moment
+/// within the drain window, and waits for them (or the window's end).
+async fn drain(state: &AppState) {
+    let window = Duration::from_secs(state.config.drain_s);
+    tracing::info!(
+        connections = state.pod.connections(),
+        window_s = window.as_secs(),
+        "draining"
+    );
+    state.pod.start_draining();
+    state.metrics.draining.set(1);
+    state.drain.cancel();
+    let deadline = Instant::now() + window + DRAIN_GRACE;
+    while state.pod.connections() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!(left = state.pod.connections(), "drain finished");
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    app: Router,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    header_timeout: Duration,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let http = Arc::new(http);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(e) => {
+                // Out of file descriptors or a connection reset before we got
+                // to it: log, breathe, keep accepting.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let (http, shutdown) = (http.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            let conn = http
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(DRAIN_GRACE, conn).await;
+                }
+            }
+        });
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,204 @@
+//! Prometheus metrics of one pod, registered in a registry of their own so
+//! that several servers in one test process do not share counters.
+//!
+//! Gauges miss what happens between scrapes, so every gauge that moves with
+//! traffic has opened/closed counters beside it.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric wsfleet exports, by name.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Open WebSocket connections.
+    pub connections: IntGauge,
+    /// Most connections this pod accepts.
+    pub capacity: IntGauge,
+    /// 1 while draining.
+    pub draining: IntGauge,
+    pub connections_opened: IntCounter,
+    /// By close code (`1000`, `4409`, ..., `none` when the peer vanished).
+    pub connections_closed: IntCounterVec,
+    /// Handshakes refused before the upgrade, by reason.
+    pub handshakes_rejected: IntCounterVec,
+    /// Client frames by `type` (`invalid` when unparsable).
+    pub frames_in: IntCounterVec,
+    /// Server frames by `type`.
+    pub frames_out: IntCounterVec,
+    /// Messages made durable, by kind (`session`, `channel`).
+    pub messages_accepted: IntCounterVec,
+    /// Messages written to a socket, by kind.
+    pub messages_delivered: IntCounterVec,
+    /// Connections closed because their outbound queue was full.
+    pub queue_overflows: IntCounter,
+    /// Connection tasks that panicked or failed (closed with 1011).
+    pub task_failures: IntCounter,
+    /// Log entries dropped by retention.
+    pub retention_trims: IntCounter,
+    /// From the upgrade request to the welcome frame being written.
+    pub handshake_duration: Histogram,
+    /// From acceptance to the live write on the socket (replays excluded).
+    pub delivery_latency: HistogramVec,
+    /// HTTP API requests by route and status.
+    pub http_requests: IntCounterVec,
+    /// Upstream events by sink (`webhook`, `stream`) and outcome.
+    pub upstream_events: IntCounterVec,
+}
+
+/// Metric construction only fails on invalid names or duplicate
+/// registration, both programming errors caught by the first test run.
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    if let Err(e) = registry.register(Box::new(metric.clone())) {
+        tracing::error!(error = %e, "registering a metric failed");
+    }
+    metric
+}
+
+macro_rules! counter {
+    ($reg:expr, $name:literal, $help:literal) => {
+        register($reg, IntCounter::new($name, $help).expect($name))
+    };
+    ($reg:expr, $name:literal, $help:literal, $labels:expr) => {
+        register(
+            $reg,
+            IntCounterVec::new(Opts::new($name, $help), $labels).expect($name),
+        )
+    };
+}
+
+/// Latency buckets from 100 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        let gauge = |name: &str, help: &str| register(r, IntGauge::new(name, help).expect("gauge"));
+        Self {
+            connections: gauge("wsfleet_connections", "Open WebSocket connections"),
+            capacity: gauge(
+                "wsfleet_capacity",
+                "Most WebSocket connections this pod accepts",
+            ),
+            draining: gauge("wsfleet_draining", "1 while the pod drains"),
+            connections_opened: counter!(
+                r,
+                "wsfleet_connections_opened_total",
+                "WebSocket connections opened"
+            ),
+            connections_closed: counter!(
+                r,
+                "wsfleet_connections_closed_total",
+                "WebSocket connections closed, by close code",
+                &["code"]
+            ),
+            handshakes_rejected: counter!(
+                r,
+                "wsfleet_handshakes_rejected_total",
+                "Upgrade requests refused, by reason",
+                &["reason"]
+            ),
+            frames_in: counter!(
+                r,
+                "wsfleet_frames_in_total",
+                "Client frames received, by type",
+                &["type"]
+            ),
+            frames_out: counter!(
+                r,
+                "wsfleet_frames_out_total",
+                "Server frames sent, by type",
+                &["type"]
+            ),
+            messages_accepted: counter!(
+                r,
+                "wsfleet_messages_accepted_total",
+                "Messages made durable, by kind",
+                &["kind"]
+            ),
+            messages_delivered: counter!(
+                r,
+                "wsfleet_messages_delivered_total",
+                "Messages written to sockets, by kind",
+                &["kind"]
+            ),
+            queue_overflows: counter!(
+                r,
+                "wsfleet_queue_overflows_total",
+                "Connections closed 1013 because their outbound queue overflowed"
+            ),
+            task_failures: counter!(
+                r,
+                "wsfleet_task_failures_total",
+                "Connection tasks that panicked or failed (closed 1011)"
+            ),
+            retention_trims: counter!(
+                r,
+                "wsfleet_retention_trims_total",
+                "Log entries dropped by retention"
+            ),
+            handshake_duration: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "wsfleet_handshake_duration_seconds",
+                        "Upgrade request to welcome frame written",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )
+                .expect("handshake histogram"),
+            ),
+            delivery_latency: register(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "wsfleet_delivery_latency_seconds",
+                        "Message accepted to written on the socket, live deliveries",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["kind"],
+                )
+                .expect("delivery histogram"),
+            ),
+            http_requests: counter!(
+                r,
+                "wsfleet_http_requests_total",
+                "HTTP API requests, by route and status",
+                &["route", "status"]
+            ),
+            upstream_events: counter!(
+                r,
+                "wsfleet_upstream_events_total",
+                "Upstream events, by sink and outcome",
+                &["sink", "outcome"]
+            ),
+            registry,
+        }
+    }
+
+    /// The registry, for subsystems (the Redis bus) that add their own metrics.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,6 @@
+//! Metrics and logs.
+
+pub mod logging;
+pub mod metrics;
+
+pub use metrics::Metrics;

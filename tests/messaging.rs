@@ -1,0 +1,239 @@
+//! Frames, direct messages, channels, resume, takeover: the happy paths of
+//! the contract, end to end over real sockets.
+
+mod common;
+
+use common::{Ended, Server, get_json, post_json};
+use serde_json::{Value, json};
+
+fn offset_of(v: &Value) -> String {
+    v["offset"].as_str().expect("offset").to_string()
+}
+
+#[tokio::test]
+async fn welcome_names_session_pod_and_heartbeat() {
+    let server = Server::start(&["--heartbeat-s", "7"]).await;
+    let (_client, welcome) = server.session("s1").await;
+    assert_eq!(
+        welcome,
+        json!({"type":"welcome","session":"s1","pod":"pod-test","resumed":false,"gap":false,"heartbeat_s":7})
+    );
+    // Without ?session= a random one is assigned.
+    let mut anon = server.connect("").await;
+    let welcome = anon.recv_json().await;
+    let session = welcome["session"].as_str().expect("session");
+    assert!(session.starts_with("anon-") && session.len() > 10, "{session}");
+}
+
+#[tokio::test]
+async fn ping_echoes_id_and_data() {
+    let server = Server::start(&[]).await;
+    let (mut client, _) = server.session("s1").await;
+    client.send_json(json!({"type":"ping","id":"x1","data":{"t":[1,2,3]}})).await;
+    assert_eq!(client.recv_json().await, json!({"type":"pong","id":"x1","data":{"t":[1,2,3]}}));
+}
+
+#[tokio::test]
+async fn http_message_reaches_the_connected_session_with_its_offset() {
+    let server = Server::start(&[]).await;
+    let (mut client, _) = server.session("s1").await;
+    let (status, body) = server.post_session("s1", json!({"hello": "world"})).await;
+    assert_eq!(status, 202);
+    let msg = client.recv_json().await;
+    assert_eq!(msg["type"], "message");
+    assert_eq!(msg["data"], json!({"hello": "world"}));
+    assert_eq!(msg["offset"], body["offset"]);
+    assert!(msg.get("channel").is_none() && msg.get("from").is_none(), "{msg}");
+}
+
+#[tokio::test]
+async fn messages_sent_before_connecting_are_delivered_on_connect_in_order() {
+    let server = Server::start(&[]).await;
+    let mut offsets = Vec::new();
+    for i in 0..5 {
+        let (status, body) = server.post_session("later", json!(i)).await;
+        assert_eq!(status, 202);
+        offsets.push(offset_of(&body));
+    }
+    let (mut client, welcome) = server.session("later").await;
+    assert_eq!(welcome["gap"], false);
+    for (i, offset) in offsets.iter().enumerate() {
+        let msg = client.recv_json().await;
+        assert_eq!(msg["data"], json!(i));
+        assert_eq!(&offset_of(&msg), offset);
+    }
+}
+
+#[tokio::test]
+async fn resume_with_last_delivers_exactly_what_came_after() {
+    let server = Server::start(&[]).await;
+    let (client, _) = server.session("r").await;
+    client.close().await;
+    let mut offsets = Vec::new();
+    for i in 0..6 {
+        offsets.push(offset_of(&server.post_session("r", json!(i)).await.1));
+    }
+    let (mut resumed, welcome) = server.session(&format!("r&last={}", offsets[2])).await;
+    assert_eq!(welcome["resumed"], true);
+    assert_eq!(welcome["gap"], false);
+    for i in 3..6 {
+        let msg = resumed.recv_json().await;
+        assert_eq!(msg["data"], json!(i));
+    }
+    // Live messages follow the replay.
+    server.post_session("r", json!("live")).await;
+    assert_eq!(resumed.recv_json().await["data"], "live");
+}
+
+#[tokio::test]
+async fn resume_past_retention_reports_a_gap() {
+    let server = Server::start(&["--retention-messages", "3"]).await;
+    let mut offsets = Vec::new();
+    for i in 0..6 {
+        offsets.push(offset_of(&server.post_session("g", json!(i)).await.1));
+    }
+    let (mut client, welcome) = server.session(&format!("g&last={}", offsets[0])).await;
+    assert_eq!(welcome["gap"], true);
+    for i in 3..6 {
+        assert_eq!(client.recv_json().await["data"], json!(i));
+    }
+    // Asking from within what is retained: no gap.
+    let (_c2, welcome) = server.session(&format!("g&last={}", offsets[3])).await;
+    assert_eq!(welcome["gap"], false);
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_first_offset_and_delivers_once() {
+    let server = Server::start(&[]).await;
+    let (mut client, _) = server.session("i").await;
+    let url = server.http("/v1/sessions/i/messages");
+    let (s1, b1) = post_json(&url, json!({"data": "once"}), &[("Idempotency-Key", "k-1")]).await;
+    let (s2, b2) = post_json(&url, json!({"data": "once"}), &[("Idempotency-Key", "k-1")]).await;
+    assert_eq!((s1, s2), (202, 202));
+    assert_eq!(b1["offset"], b2["offset"]);
+    server.post_session("i", json!("next")).await;
+    assert_eq!(client.recv_json().await["data"], "once");
+    assert_eq!(client.recv_json().await["data"], "next", "the retry must not be delivered twice");
+}
+
+#[tokio::test]
+async fn send_frame_reaches_another_session_with_from() {
+    let server = Server::start(&[]).await;
+    let (mut alice, _) = server.session("alice").await;
+    let (mut bob, _) = server.session("bob").await;
+    let ack = alice
+        .request(json!({"type":"send","session":"bob","data":{"text":"hi"}}), 1)
+        .await;
+    assert_eq!(ack["type"], "ack");
+    let msg = bob.recv_json().await;
+    assert_eq!(msg["from"], "alice");
+    assert_eq!(msg["data"], json!({"text":"hi"}));
+    assert_eq!(msg["offset"], ack["offset"]);
+}
+
+#[tokio::test]
+async fn channel_publish_reaches_every_subscriber_and_since_replays() {
+    let server = Server::start(&[]).await;
+    let (mut a, _) = server.session("a").await;
+    let (mut b, _) = server.session("b").await;
+    for c in [&mut a, &mut b] {
+        let ack = c.request(json!({"type":"subscribe","channel":"room.1"}), 1).await;
+        assert_eq!(ack, json!({"type":"ack","id":1}));
+    }
+    let (status, body) = server.post_channel("room.1", json!("from-http")).await;
+    assert_eq!(status, 202);
+    let ack = a.request(json!({"type":"publish","channel":"room.1","data":"from-a"}), 2).await;
+    assert_eq!(ack["type"], "ack");
+    for c in [&mut a, &mut b] {
+        let first = c.recv_json().await;
+        assert_eq!(first["channel"], "room.1");
+        assert_eq!(first["data"], "from-http");
+        assert_eq!(first["offset"], body["offset"]);
+        assert_eq!(c.recv_json().await["data"], "from-a");
+    }
+    // A late subscriber asks for everything after the first message.
+    let (mut late, _) = server.session("late").await;
+    let since = body["offset"].as_str().expect("offset");
+    let ack = late.request(json!({"type":"subscribe","channel":"room.1","since":since}), 3).await;
+    assert_eq!(ack["type"], "ack");
+    assert_eq!(late.recv_json().await["data"], "from-a");
+    // Unsubscribed connections stop receiving.
+    let ack = b.request(json!({"type":"unsubscribe","channel":"room.1"}), 4).await;
+    assert_eq!(ack["type"], "ack");
+    server.post_channel("room.1", json!("after")).await;
+    assert_eq!(a.recv_json().await["data"], "after");
+    b.send_json(json!({"type":"ping","id":5})).await;
+    assert_eq!(b.recv_json().await["type"], "pong", "nothing may reach b after unsubscribing");
+}
+
+#[tokio::test]
+async fn subscribe_without_since_gets_only_new_messages() {
+    let server = Server::start(&[]).await;
+    server.post_channel("news", json!("old")).await;
+    let (mut c, _) = server.session("c").await;
+    c.request(json!({"type":"subscribe","channel":"news"}), 1).await;
+    server.post_channel("news", json!("new")).await;
+    assert_eq!(c.recv_json().await["data"], "new");
+}
+
+#[tokio::test]
+async fn a_newer_connection_takes_over_and_the_older_gets_4409() {
+    let server = Server::start(&[]).await;
+    let (mut old, _) = server.session("dup").await;
+    let (mut new, _) = server.session("dup").await;
+    let (_, ended) = old.recv_until_end().await;
+    assert_eq!(ended, Ended::Closed(4409));
+    server.post_session("dup", json!("to-new")).await;
+    assert_eq!(new.recv_json().await["data"], "to-new");
+}
+
+#[tokio::test]
+async fn session_info_delete_and_fleet() {
+    let server = Server::start(&[]).await;
+    let (mut client, _) = server.session("who").await;
+    let (status, info) = get_json(&server.http("/v1/sessions/who")).await;
+    assert_eq!(status, 200);
+    assert_eq!(info["session"], "who");
+    assert_eq!(info["connected"], true);
+    assert_eq!(info["pod"], "pod-test");
+    let connected_at = info["connected_at"].as_str().expect("connected_at");
+    assert!(time::OffsetDateTime::parse(connected_at, &time::format_description::well_known::Rfc3339).is_ok());
+
+    let (status, fleet) = get_json(&server.http("/v1/fleet")).await;
+    assert_eq!(status, 200);
+    assert_eq!(fleet["pods"][0]["pod"], "pod-test");
+    assert_eq!(fleet["pods"][0]["connections"], 1);
+    assert_eq!(fleet["pods"][0]["draining"], false);
+
+    let resp = reqwest::Client::new().delete(server.http("/v1/sessions/who")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 204);
+    let (_, ended) = client.recv_until_end().await;
+    assert_eq!(ended, Ended::Closed(1000));
+    common::eventually("session released", || async {
+        get_json(&server.http("/v1/sessions/who")).await.0 == 404
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn metrics_count_what_happened() {
+    let server = Server::start(&[]).await;
+    let (mut client, _) = server.session("m").await;
+    client.assert_alive().await;
+    server.post_session("m", json!(1)).await;
+    client.recv_json().await;
+    let text = server.metrics().await;
+    assert_eq!(common::metric(&text, "wsfleet_connections"), 1.0, "{text}");
+    assert_eq!(common::metric(&text, "wsfleet_connections_opened_total"), 1.0);
+    assert_eq!(common::metric(&text, "wsfleet_frames_in_total{type=\"ping\"}"), 1.0);
+    assert_eq!(common::metric(&text, "wsfleet_frames_out_total{type=\"pong\"}"), 1.0);
+    assert_eq!(common::metric(&text, "wsfleet_messages_accepted_total{kind=\"session\"}"), 1.0);
+    assert_eq!(common::metric(&text, "wsfleet_messages_delivered_total{kind=\"session\"}"), 1.0);
+    assert_eq!(common::metric(&text, "wsfleet_handshake_duration_seconds_count"), 1.0);
+    assert_eq!(common::metric(&text, "wsfleet_delivery_latency_seconds_count{kind=\"session\"}"), 1.0);
+    client.close().await;
+    common::eventually("close counted", || async {
+        common::metric(&server.metrics().await, "wsfleet_connections_closed_total{code=\"1000\"}") == 1.0
+    })
+    .await;
+}

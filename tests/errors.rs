@@ -17,11 +17,27 @@ async fn bad_frames_get_error_frames_and_the_connection_stays_open() {
         ("not json at all", "bad_request", None),
         (r#"{"type":"teleport","id":7}"#, "unknown_type", Some(7)),
         (r#"{"type":"subscribe","id":8}"#, "bad_request", Some(8)),
-        (r#"{"type":"subscribe","channel":"no spaces","id":9}"#, "bad_request", Some(9)),
-        (r#"{"type":"subscribe","channel":"c","since":"soon","id":10}"#, "bad_request", Some(10)),
-        (r#"{"type":"send","session":"x","id":11}"#, "bad_request", Some(11)),
+        (
+            r#"{"type":"subscribe","channel":"no spaces","id":9}"#,
+            "bad_request",
+            Some(9),
+        ),
+        (
+            r#"{"type":"subscribe","channel":"c","since":"soon","id":10}"#,
+            "bad_request",
+            Some(10),
+        ),
+        (
+            r#"{"type":"send","session":"x","id":11}"#,
+            "bad_request",
+            Some(11),
+        ),
         (r#"{"type":"panic","id":12}"#, "forbidden", Some(12)),
-        (r#"{"type":"upstream","data":1,"id":13}"#, "unavailable", Some(13)),
+        (
+            r#"{"type":"upstream","data":1,"id":13}"#,
+            "unavailable",
+            Some(13),
+        ),
     ];
     for (text, code, id) in cases {
         client.send_text(text).await;
@@ -32,7 +48,11 @@ async fn bad_frames_get_error_frames_and_the_connection_stays_open() {
         assert_eq!(reply.get("id").and_then(|v| v.as_u64()), id, "{text}");
         client.assert_alive().await;
     }
-    client.ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    client
+        .ws
+        .send(Message::binary(vec![1u8, 2, 3]))
+        .await
+        .unwrap();
     let reply = client.recv_json().await;
     assert_eq!(reply["code"], "bad_request");
     client.assert_alive().await;
@@ -57,18 +77,28 @@ async fn too_many_subscriptions_is_refused_per_connection() {
     let server = Server::start(&["--max-subscriptions", "2"]).await;
     let (mut client, _) = server.session("subs").await;
     for (i, channel) in ["a", "b"].iter().enumerate() {
-        let ack = client.request(json!({"type":"subscribe","channel":channel}), i as u64).await;
+        let ack = client
+            .request(json!({"type":"subscribe","channel":channel}), i as u64)
+            .await;
         assert_eq!(ack["type"], "ack");
     }
-    let refused = client.request(json!({"type":"subscribe","channel":"c"}), 3).await;
+    let refused = client
+        .request(json!({"type":"subscribe","channel":"c"}), 3)
+        .await;
     assert_eq!(refused["type"], "error");
     assert_eq!(refused["code"], "too_large");
     // Subscribing again to one it has is not a new subscription.
-    let again = client.request(json!({"type":"subscribe","channel":"a"}), 4).await;
+    let again = client
+        .request(json!({"type":"subscribe","channel":"a"}), 4)
+        .await;
     assert_eq!(again["type"], "ack");
     // Unsubscribing frees a slot.
-    client.request(json!({"type":"unsubscribe","channel":"b"}), 5).await;
-    let ack = client.request(json!({"type":"subscribe","channel":"c"}), 6).await;
+    client
+        .request(json!({"type":"unsubscribe","channel":"b"}), 5)
+        .await;
+    let ack = client
+        .request(json!({"type":"subscribe","channel":"c"}), 6)
+        .await;
     assert_eq!(ack["type"], "ack");
 }
 
@@ -103,20 +133,39 @@ async fn http_api_errors_are_json_with_fitting_status() {
     let server = Server::start(&["--max-frame-bytes", "1024"]).await;
     let url = |p: &str| server.http(p);
     // (status, code) for each bad request
-    let (s, b) = post_json(&url("/v1/sessions/bad%20id/messages"), json!({"data":1}), &[]).await;
+    let (s, b) = post_json(
+        &url("/v1/sessions/bad%20id/messages"),
+        json!({"data":1}),
+        &[],
+    )
+    .await;
     assert_eq!((s, b["error"]["code"].as_str()), (400, Some("bad_request")));
     let (s, b) = post_json(&url("/v1/sessions/ok/messages"), json!({"nodata":1}), &[]).await;
     assert_eq!((s, b["error"]["code"].as_str()), (400, Some("bad_request")));
-    let (s, b) = post_json(&url("/v1/sessions/ok/messages"), json!({"data":"x".repeat(2000)}), &[]).await;
+    let (s, b) = post_json(
+        &url("/v1/sessions/ok/messages"),
+        json!({"data":"x".repeat(2000)}),
+        &[],
+    )
+    .await;
     assert_eq!((s, b["error"]["code"].as_str()), (413, Some("too_large")));
     let (s, b) = post_json(&url("/v1/channels/a*b/messages"), json!({"data":1}), &[]).await;
     assert_eq!((s, b["error"]["code"].as_str()), (400, Some("bad_request")));
     let long_key = "k".repeat(300);
-    let (s, _) = post_json(&url("/v1/sessions/ok/messages"), json!({"data":1}), &[("Idempotency-Key", &long_key)]).await;
+    let (s, _) = post_json(
+        &url("/v1/sessions/ok/messages"),
+        json!({"data":1}),
+        &[("Idempotency-Key", &long_key)],
+    )
+    .await;
     assert_eq!(s, 400);
     let (s, b) = get_json(&url("/v1/sessions/nobody")).await;
     assert_eq!((s, b["error"]["code"].as_str()), (404, Some("not_found")));
-    let resp = reqwest::Client::new().delete(url("/v1/sessions/nobody")).send().await.unwrap();
+    let resp = reqwest::Client::new()
+        .delete(url("/v1/sessions/nobody"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 404);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "not_found");
@@ -140,9 +189,14 @@ async fn bad_upgrade_requests_are_refused_before_the_upgrade() {
     assert_eq!(s, 400, "plain GET without upgrade headers: {b}");
     assert_eq!(b["error"]["code"], "bad_request");
     for query in ["session=bad%20id", "session=a&last=yesterday"] {
-        let err = common::Client::try_connect(&server.ws_url(query)).await.err().expect(query);
+        let err = common::Client::try_connect(&server.ws_url(query))
+            .await
+            .err()
+            .expect(query);
         match err {
-            tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status().as_u16(), 400, "{query}"),
+            tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                assert_eq!(resp.status().as_u16(), 400, "{query}")
+            }
             other => panic!("{query}: {other}"),
         }
     }
@@ -153,14 +207,34 @@ async fn api_key_is_required_when_configured() {
     let server = Server::start(&["--api-key", "sekrit"]).await;
     let url = server.http("/v1/sessions/s/messages");
     let (s, b) = post_json(&url, json!({"data":1}), &[]).await;
-    assert_eq!((s, b["error"]["code"].as_str()), (401, Some("unauthorized")));
-    let (s, _) = post_json(&url, json!({"data":1}), &[("Authorization", "Bearer wrong")]).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let (s, _) = post_json(
+        &url,
+        json!({"data":1}),
+        &[("Authorization", "Bearer wrong")],
+    )
+    .await;
     assert_eq!(s, 401);
-    let (s, _) = post_json(&url, json!({"data":1}), &[("Authorization", "Bearer sekrit")]).await;
+    let (s, _) = post_json(
+        &url,
+        json!({"data":1}),
+        &[("Authorization", "Bearer sekrit")],
+    )
+    .await;
     assert_eq!(s, 202);
     // Health and metrics stay open for probes and scrapers.
     assert_eq!(get_json(&server.http("/healthz")).await.0, 200);
-    assert_eq!(reqwest::get(server.http("/metrics")).await.unwrap().status().as_u16(), 200);
+    assert_eq!(
+        reqwest::get(server.http("/metrics"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
 }
 
 #[tokio::test]
@@ -172,14 +246,19 @@ async fn slow_consumer_is_closed_with_1013_and_resumes_without_loss() {
     let payload = "p".repeat(60_000);
     let mut sent = Vec::new();
     for i in 0..400 {
-        let (status, body) = server.post_session("slow", json!({"i": i, "pad": payload})).await;
+        let (status, body) = server
+            .post_session("slow", json!({"i": i, "pad": payload}))
+            .await;
         assert_eq!(status, 202);
         sent.push(body["offset"].as_str().unwrap().to_string());
     }
     let (frames, ended) = client.recv_until_end().await;
     assert_eq!(ended, Ended::Closed(1013), "after {} frames", frames.len());
     assert!(frames.len() < 400, "the queue must have overflowed");
-    let mut received: Vec<String> = frames.iter().map(|f| f["offset"].as_str().unwrap().to_string()).collect();
+    let mut received: Vec<String> = frames
+        .iter()
+        .map(|f| f["offset"].as_str().unwrap().to_string())
+        .collect();
     let last = received.last().cloned();
     let query = match &last {
         Some(last) => format!("slow&last={last}"),
@@ -194,5 +273,8 @@ async fn slow_consumer_is_closed_with_1013_and_resumes_without_loss() {
     assert_eq!(received, sent, "every accepted message, once, in order");
     let text = server.metrics().await;
     assert!(common::metric(&text, "wsfleet_queue_overflows_total") >= 1.0);
-    assert_eq!(common::metric(&text, "wsfleet_connections_closed_total{code=\"1013\"}"), 1.0);
+    assert_eq!(
+        common::metric(&text, "wsfleet_connections_closed_total{code=\"1013\"}"),
+        1.0
+    );
 }

@@ -22,15 +22,23 @@ async fn welcome_names_session_pod_and_heartbeat() {
     let mut anon = server.connect("").await;
     let welcome = anon.recv_json().await;
     let session = welcome["session"].as_str().expect("session");
-    assert!(session.starts_with("anon-") && session.len() > 10, "{session}");
+    assert!(
+        session.starts_with("anon-") && session.len() > 10,
+        "{session}"
+    );
 }
 
 #[tokio::test]
 async fn ping_echoes_id_and_data() {
     let server = Server::start(&[]).await;
     let (mut client, _) = server.session("s1").await;
-    client.send_json(json!({"type":"ping","id":"x1","data":{"t":[1,2,3]}})).await;
-    assert_eq!(client.recv_json().await, json!({"type":"pong","id":"x1","data":{"t":[1,2,3]}}));
+    client
+        .send_json(json!({"type":"ping","id":"x1","data":{"t":[1,2,3]}}))
+        .await;
+    assert_eq!(
+        client.recv_json().await,
+        json!({"type":"pong","id":"x1","data":{"t":[1,2,3]}})
+    );
 }
 
 #[tokio::test]
@@ -43,7 +51,10 @@ async fn http_message_reaches_the_connected_session_with_its_offset() {
     assert_eq!(msg["type"], "message");
     assert_eq!(msg["data"], json!({"hello": "world"}));
     assert_eq!(msg["offset"], body["offset"]);
-    assert!(msg.get("channel").is_none() && msg.get("from").is_none(), "{msg}");
+    assert!(
+        msg.get("channel").is_none() && msg.get("from").is_none(),
+        "{msg}"
+    );
 }
 
 #[tokio::test]
@@ -113,7 +124,11 @@ async fn idempotency_key_returns_the_first_offset_and_delivers_once() {
     assert_eq!(b1["offset"], b2["offset"]);
     server.post_session("i", json!("next")).await;
     assert_eq!(client.recv_json().await["data"], "once");
-    assert_eq!(client.recv_json().await["data"], "next", "the retry must not be delivered twice");
+    assert_eq!(
+        client.recv_json().await["data"],
+        "next",
+        "the retry must not be delivered twice"
+    );
 }
 
 #[tokio::test]
@@ -122,7 +137,10 @@ async fn send_frame_reaches_another_session_with_from() {
     let (mut alice, _) = server.session("alice").await;
     let (mut bob, _) = server.session("bob").await;
     let ack = alice
-        .request(json!({"type":"send","session":"bob","data":{"text":"hi"}}), 1)
+        .request(
+            json!({"type":"send","session":"bob","data":{"text":"hi"}}),
+            1,
+        )
         .await;
     assert_eq!(ack["type"], "ack");
     let msg = bob.recv_json().await;
@@ -137,12 +155,19 @@ async fn channel_publish_reaches_every_subscriber_and_since_replays() {
     let (mut a, _) = server.session("a").await;
     let (mut b, _) = server.session("b").await;
     for c in [&mut a, &mut b] {
-        let ack = c.request(json!({"type":"subscribe","channel":"room.1"}), 1).await;
+        let ack = c
+            .request(json!({"type":"subscribe","channel":"room.1"}), 1)
+            .await;
         assert_eq!(ack, json!({"type":"ack","id":1}));
     }
     let (status, body) = server.post_channel("room.1", json!("from-http")).await;
     assert_eq!(status, 202);
-    let ack = a.request(json!({"type":"publish","channel":"room.1","data":"from-a"}), 2).await;
+    let ack = a
+        .request(
+            json!({"type":"publish","channel":"room.1","data":"from-a"}),
+            2,
+        )
+        .await;
     assert_eq!(ack["type"], "ack");
     for c in [&mut a, &mut b] {
         let first = c.recv_json().await;
@@ -154,16 +179,27 @@ async fn channel_publish_reaches_every_subscriber_and_since_replays() {
     // A late subscriber asks for everything after the first message.
     let (mut late, _) = server.session("late").await;
     let since = body["offset"].as_str().expect("offset");
-    let ack = late.request(json!({"type":"subscribe","channel":"room.1","since":since}), 3).await;
+    let ack = late
+        .request(
+            json!({"type":"subscribe","channel":"room.1","since":since}),
+            3,
+        )
+        .await;
     assert_eq!(ack["type"], "ack");
     assert_eq!(late.recv_json().await["data"], "from-a");
     // Unsubscribed connections stop receiving.
-    let ack = b.request(json!({"type":"unsubscribe","channel":"room.1"}), 4).await;
+    let ack = b
+        .request(json!({"type":"unsubscribe","channel":"room.1"}), 4)
+        .await;
     assert_eq!(ack["type"], "ack");
     server.post_channel("room.1", json!("after")).await;
     assert_eq!(a.recv_json().await["data"], "after");
     b.send_json(json!({"type":"ping","id":5})).await;
-    assert_eq!(b.recv_json().await["type"], "pong", "nothing may reach b after unsubscribing");
+    assert_eq!(
+        b.recv_json().await["type"],
+        "pong",
+        "nothing may reach b after unsubscribing"
+    );
 }
 
 #[tokio::test]
@@ -171,7 +207,8 @@ async fn subscribe_without_since_gets_only_new_messages() {
     let server = Server::start(&[]).await;
     server.post_channel("news", json!("old")).await;
     let (mut c, _) = server.session("c").await;
-    c.request(json!({"type":"subscribe","channel":"news"}), 1).await;
+    c.request(json!({"type":"subscribe","channel":"news"}), 1)
+        .await;
     server.post_channel("news", json!("new")).await;
     assert_eq!(c.recv_json().await["data"], "new");
 }
@@ -197,7 +234,10 @@ async fn session_info_delete_and_fleet() {
     assert_eq!(info["connected"], true);
     assert_eq!(info["pod"], "pod-test");
     let connected_at = info["connected_at"].as_str().expect("connected_at");
-    assert!(time::OffsetDateTime::parse(connected_at, &time::format_description::well_known::Rfc3339).is_ok());
+    assert!(
+        time::OffsetDateTime::parse(connected_at, &time::format_description::well_known::Rfc3339)
+            .is_ok()
+    );
 
     let (status, fleet) = get_json(&server.http("/v1/fleet")).await;
     assert_eq!(status, 200);
@@ -205,7 +245,11 @@ async fn session_info_delete_and_fleet() {
     assert_eq!(fleet["pods"][0]["connections"], 1);
     assert_eq!(fleet["pods"][0]["draining"], false);
 
-    let resp = reqwest::Client::new().delete(server.http("/v1/sessions/who")).send().await.unwrap();
+    let resp = reqwest::Client::new()
+        .delete(server.http("/v1/sessions/who"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 204);
     let (_, ended) = client.recv_until_end().await;
     assert_eq!(ended, Ended::Closed(1000));
@@ -224,16 +268,43 @@ async fn metrics_count_what_happened() {
     client.recv_json().await;
     let text = server.metrics().await;
     assert_eq!(common::metric(&text, "wsfleet_connections"), 1.0, "{text}");
-    assert_eq!(common::metric(&text, "wsfleet_connections_opened_total"), 1.0);
-    assert_eq!(common::metric(&text, "wsfleet_frames_in_total{type=\"ping\"}"), 1.0);
-    assert_eq!(common::metric(&text, "wsfleet_frames_out_total{type=\"pong\"}"), 1.0);
-    assert_eq!(common::metric(&text, "wsfleet_messages_accepted_total{kind=\"session\"}"), 1.0);
-    assert_eq!(common::metric(&text, "wsfleet_messages_delivered_total{kind=\"session\"}"), 1.0);
-    assert_eq!(common::metric(&text, "wsfleet_handshake_duration_seconds_count"), 1.0);
-    assert_eq!(common::metric(&text, "wsfleet_delivery_latency_seconds_count{kind=\"session\"}"), 1.0);
+    assert_eq!(
+        common::metric(&text, "wsfleet_connections_opened_total"),
+        1.0
+    );
+    assert_eq!(
+        common::metric(&text, "wsfleet_frames_in_total{type=\"ping\"}"),
+        1.0
+    );
+    assert_eq!(
+        common::metric(&text, "wsfleet_frames_out_total{type=\"pong\"}"),
+        1.0
+    );
+    assert_eq!(
+        common::metric(&text, "wsfleet_messages_accepted_total{kind=\"session\"}"),
+        1.0
+    );
+    assert_eq!(
+        common::metric(&text, "wsfleet_messages_delivered_total{kind=\"session\"}"),
+        1.0
+    );
+    assert_eq!(
+        common::metric(&text, "wsfleet_handshake_duration_seconds_count"),
+        1.0
+    );
+    assert_eq!(
+        common::metric(
+            &text,
+            "wsfleet_delivery_latency_seconds_count{kind=\"session\"}"
+        ),
+        1.0
+    );
     client.close().await;
     common::eventually("close counted", || async {
-        common::metric(&server.metrics().await, "wsfleet_connections_closed_total{code=\"1000\"}") == 1.0
+        common::metric(
+            &server.metrics().await,
+            "wsfleet_connections_closed_total{code=\"1000\"}",
+        ) == 1.0
     })
     .await;
 }

@@ -72,11 +72,21 @@ impl Server {
 
     /// POSTs `{"data": data}` to a session; returns (status, body).
     pub async fn post_session(&self, session: &str, data: Value) -> (u16, Value) {
-        post_json(&self.http(&format!("/v1/sessions/{session}/messages")), json!({ "data": data }), &[]).await
+        post_json(
+            &self.http(&format!("/v1/sessions/{session}/messages")),
+            json!({ "data": data }),
+            &[],
+        )
+        .await
     }
 
     pub async fn post_channel(&self, channel: &str, data: Value) -> (u16, Value) {
-        post_json(&self.http(&format!("/v1/channels/{channel}/messages")), json!({ "data": data }), &[]).await
+        post_json(
+            &self.http(&format!("/v1/channels/{channel}/messages")),
+            json!({ "data": data }),
+            &[],
+        )
+        .await
     }
 
     /// Starts draining as SIGTERM would, and waits for the gateway to stop.
@@ -90,14 +100,22 @@ impl Server {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(self.http("/metrics")).await.expect("metrics").text().await.expect("text")
+        reqwest::get(self.http("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
     }
 }
 
 /// The value of one sample in Prometheus text (`name{labels} value`), 0 if absent.
 pub fn metric(text: &str, sample: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
 }
@@ -137,7 +155,9 @@ pub enum Ended {
 
 impl Client {
     pub async fn connect(url: &str) -> Client {
-        Self::try_connect(url).await.unwrap_or_else(|e| panic!("connect {url}: {e}"))
+        Self::try_connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("connect {url}: {e}"))
     }
 
     pub async fn try_connect(url: &str) -> Result<Client, tungstenite::Error> {
@@ -148,8 +168,18 @@ impl Client {
         })
     }
 
+    pub fn from_stream(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Client {
+        Client {
+            ws,
+            pending: Default::default(),
+        }
+    }
+
     pub async fn send_json(&mut self, value: Value) {
-        self.ws.send(Message::text(value.to_string())).await.expect("send");
+        self.ws
+            .send(Message::text(value.to_string()))
+            .await
+            .expect("send");
     }
 
     pub async fn send_text(&mut self, text: &str) {
@@ -192,7 +222,9 @@ impl Client {
 
     /// Application-level round trip: proves the connection still works.
     pub async fn assert_alive(&mut self) {
-        let reply = self.request(json!({"type": "ping", "data": "alive?"}), 999_999).await;
+        let reply = self
+            .request(json!({"type": "ping", "data": "alive?"}), 999_999)
+            .await;
         assert_eq!(reply["type"], "pong");
         assert_eq!(reply["data"], "alive?");
     }
@@ -205,8 +237,12 @@ impl Client {
                 .await
                 .expect("timed out waiting for the connection to end");
             match next {
-                Some(Ok(Message::Text(t))) => frames.push(serde_json::from_str(&t).expect("JSON frame")),
-                Some(Ok(Message::Close(Some(CloseFrame { code, .. })))) => return (frames, Ended::Closed(code.into())),
+                Some(Ok(Message::Text(t))) => {
+                    frames.push(serde_json::from_str(&t).expect("JSON frame"))
+                }
+                Some(Ok(Message::Close(Some(CloseFrame { code, .. })))) => {
+                    return (frames, Ended::Closed(code.into()));
+                }
                 Some(Ok(Message::Close(None))) => return (frames, Ended::Closed(1005)),
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return (frames, Ended::Dropped),

@@ -1,0 +1,132 @@
+//! The real `wsfleet` binary: flags, config errors, SIGTERM drain, exit code.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Client, Ended};
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsfleet");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[test]
+fn help_documents_every_flag_with_its_env_var() {
+    let out = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .expect("run wsfleet");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "listen",
+        "redis-url",
+        "pod-name",
+        "auth",
+        "jwt-hs256-secret",
+        "jwt-rs256-public-key-file",
+        "api-key",
+        "allowed-origins",
+        "max-connections",
+        "max-frame-bytes",
+        "max-subscriptions",
+        "rate-limit-per-sec",
+        "outbound-queue",
+        "handshake-timeout-s",
+        "heartbeat-s",
+        "retention-messages",
+        "retention-s",
+        "drain-s",
+        "reconnect-jitter-ms",
+        "webhook-url",
+        "upstream-stream",
+        "read-buffer-bytes",
+        "write-buffer-bytes",
+        "log-format",
+        "fault-injection",
+    ] {
+        assert!(
+            help.contains(&format!("--{flag}")),
+            "--{flag} missing from --help"
+        );
+        let env = format!("WSFLEET_{}", flag.to_uppercase().replace('-', "_"));
+        assert!(help.contains(&env), "{env} missing from --help");
+    }
+}
+
+#[test]
+fn bad_config_exits_with_a_clear_message() {
+    let out = Command::new(BIN)
+        .args(["serve", "--auth", "jwt", "--listen", "127.0.0.1:0"])
+        .env_remove("WSFLEET_JWT_HS256_SECRET")
+        .output()
+        .expect("run wsfleet");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--jwt-hs256-secret"), "{err}");
+}
+
+#[tokio::test]
+async fn sigterm_drains_connections_then_exits_zero() {
+    let port = free_port();
+    let mut child = tokio::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--drain-s",
+            "2",
+            "--pod-name",
+            "bin-pod",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn wsfleet");
+    let base = format!("127.0.0.1:{port}");
+    common::eventually("the binary listens", || async {
+        reqwest::get(format!("http://{base}/healthz")).await.is_ok()
+    })
+    .await;
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        let mut c = Client::connect(&format!("ws://{base}/ws?session=b{i}")).await;
+        assert_eq!(c.recv_json().await["pod"], "bin-pod");
+        clients.push(c);
+    }
+    let pid = child.id().expect("pid").to_string();
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    common::eventually("readyz turns 503 while draining", || async {
+        match reqwest::get(format!("http://{base}/readyz")).await {
+            Ok(r) => r.status().as_u16() == 503,
+            Err(_) => false,
+        }
+    })
+    .await;
+    for client in &mut clients {
+        let (frames, ended) = client.recv_until_end().await;
+        assert_eq!(ended, Ended::Closed(1012));
+        assert_eq!(
+            frames.last().map(|f| f["type"].clone()),
+            Some("reconnect".into())
+        );
+    }
+    let started = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits after draining")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0), "exit status");
+    assert!(started.elapsed() < Duration::from_secs(20));
+}

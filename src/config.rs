@@ -69,6 +69,19 @@ pub struct ServeConfig {
     #[arg(long, env = "WSFLEET_REDIS_URL")]
     pub redis_url: Option<Secret>,
 
+    /// Treat --redis-url as a comma-separated list of Redis Cluster seed nodes.
+    #[arg(long, env = "WSFLEET_REDIS_CLUSTER", default_value_t = false)]
+    pub redis_cluster: bool,
+
+    /// Deadline of every Redis call, in milliseconds (then 503 `unavailable`).
+    #[arg(long, env = "WSFLEET_REDIS_TIMEOUT_MS", default_value_t = 2000)]
+    pub redis_timeout_ms: u64,
+
+    /// Seconds a session's ownership (and a pod's channel membership) lasts
+    /// without renewal: a dead pod's sessions are free after this.
+    #[arg(long, env = "WSFLEET_SESSION_LEASE_S", default_value_t = 30)]
+    pub session_lease_s: u64,
+
     /// This pod's name in the fleet. Default: $POD_NAME, else the hostname.
     #[arg(long, env = "WSFLEET_POD_NAME")]
     pub pod_name: Option<String>,
@@ -211,6 +224,8 @@ impl ServeConfig {
             (self.rate_limit_per_sec as usize, "--rate-limit-per-sec"),
             (self.heartbeat_s as usize, "--heartbeat-s"),
             (self.handshake_timeout_s as usize, "--handshake-timeout-s"),
+            (self.session_lease_s as usize, "--session-lease-s"),
+            (self.redis_timeout_ms as usize, "--redis-timeout-ms"),
         ];
         if let Some((_, name)) = non_zero.iter().find(|(v, _)| *v == 0) {
             return Err(ConfigError::Zero(name));

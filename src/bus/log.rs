@@ -46,6 +46,7 @@ impl Log {
             channel: channel.cloned(),
             frame: Utf8Bytes::from(render(offset)),
             accepted_ms: now_ms,
+            resync: false,
         });
         self.head = Some(offset);
         self.entries.push_back(delivery.clone());

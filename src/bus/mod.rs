@@ -16,6 +16,7 @@
 mod log;
 mod mailbox;
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -45,6 +46,24 @@ pub struct Delivery {
     pub frame: Utf8Bytes,
     /// When it was accepted, for the delivery latency histogram.
     pub accepted_ms: u64,
+    /// Not a message: the bus may have dropped deliveries on their way
+    /// (e.g. Redis lost its routing state), so the connection should read
+    /// the log after its cursor.
+    pub resync: bool,
+}
+
+impl Delivery {
+    /// A notice that makes the connection catch up from the log.
+    pub fn resync(channel: Option<ChannelName>) -> Self {
+        Delivery {
+            offset: Offset::ZERO,
+            prev: None,
+            channel,
+            frame: Utf8Bytes::from_static(""),
+            accepted_ms: 0,
+            resync: true,
+        }
+    }
 }
 
 /// What a log holds after an offset.

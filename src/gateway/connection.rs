@@ -531,10 +531,11 @@ impl Connection {
             None => self.session_cursor,
             Some(i) => self.subscriptions[i].cursor,
         };
-        if cursor.is_some_and(|c| delivery.offset <= c) {
+        if !delivery.resync && cursor.is_some_and(|c| delivery.offset <= c) {
             return Ok(()); // already written (replay and live overlap)
         }
-        let missing_before = live && delivery.prev.is_some_and(|p| cursor.is_none_or(|c| p > c));
+        let missing_before = delivery.resync
+            || (live && delivery.prev.is_some_and(|p| cursor.is_none_or(|c| p > c)));
         if !missing_before {
             self.write_delivery(socket, delivery, live).await?;
             self.advance(index, delivery.offset);
@@ -549,6 +550,10 @@ impl Connection {
         };
         let entries = match replay {
             Ok(r) => r.entries,
+            Err(e) if delivery.resync => {
+                tracing::warn!(error = %e, "cannot catch up from the log now");
+                return Ok(());
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot fill a hole from the log; delivering what arrived");
                 vec![delivery.clone()]

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use super::{AppState, router};
 use crate::auth::Authenticator;
 use crate::bus::memory::MemoryBus;
+use crate::bus::redis::{RedisBus, RedisOptions, Target};
 use crate::bus::{Bus, Retention};
 use crate::config::{ConfigError, ServeConfig};
 use crate::pod::LocalPod;
@@ -40,10 +41,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error(
-        "cluster mode (--redis-url) is not available in this build yet; run without it for embedded mode"
-    )]
-    ClusterModeUnavailable,
+    #[error("cannot set up the Redis bus: {0}")]
+    Bus(#[from] crate::bus::BusError),
 }
 
 /// A bound, ready-to-run gateway pod.
@@ -58,9 +57,6 @@ impl Gateway {
     /// Validates the config, builds the bus and binds the listener.
     pub async fn bind(config: ServeConfig) -> Result<Self, StartError> {
         config.validate()?;
-        if config.redis_url.is_some() {
-            return Err(StartError::ClusterModeUnavailable);
-        }
         let auth = Authenticator::from_config(&config)?;
         let listener =
             TcpListener::bind(config.listen)
@@ -81,13 +77,37 @@ impl Gateway {
             max_messages: config.retention_messages,
             max_age_ms: config.retention_s.saturating_mul(1000),
         };
-        let memory = Arc::new(MemoryBus::new(pod.clone(), retention, metrics.clone()));
-        memory.spawn_sweeper(shutdown.clone());
-        let bus: Arc<dyn Bus> = memory;
+        let (bus, bus_stream): (Arc<dyn Bus>, bool) = match &config.redis_url {
+            None => {
+                let memory = Arc::new(MemoryBus::new(pod.clone(), retention, metrics.clone()));
+                memory.spawn_sweeper(shutdown.clone());
+                (memory, false)
+            }
+            Some(url) => {
+                let options = RedisOptions {
+                    target: Target {
+                        urls: url
+                            .0
+                            .split(',')
+                            .map(|u| u.trim().to_string())
+                            .filter(|u| !u.is_empty())
+                            .collect(),
+                        cluster: config.redis_cluster,
+                    },
+                    lease: Duration::from_secs(config.session_lease_s),
+                    retention,
+                    upstream_stream: config.upstream_stream.clone(),
+                    timeout: Duration::from_millis(config.redis_timeout_ms),
+                };
+                let redis = RedisBus::connect(options, pod.clone(), metrics.clone()).await?;
+                redis.spawn_background(&tracker, shutdown.clone());
+                (redis, true)
+            }
+        };
         let upstream = Upstream::new(
             &pod.name,
             bus.clone(),
-            false,
+            bus_stream,
             config.webhook_url.clone(),
             metrics.clone(),
             &tracker,
@@ -131,7 +151,7 @@ impl Gateway {
         tracing::info!(
             addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             pod = %state.pod.name,
-            mode = "embedded",
+            mode = if state.config.redis_url.is_some() { "cluster" } else { "embedded" },
             "wsfleet serving"
         );
         let accept = tokio::spawn(accept_loop(

@@ -1,0 +1,107 @@
+//! Redis key layout.
+//!
+//! Every key of one session shares the hash tag `{s:<id>}` and every key of
+//! one channel `{c:<name>}`, so that the scripts that append, trim, check
+//! idempotency and read the owner touch one Redis Cluster slot (trap 4).
+//! Session ids and channel names cannot contain `{` or `}`, so a tag can
+//! never be split.
+
+use crate::protocol::{ChannelName, SessionId};
+
+/// The keys of one session.
+pub struct SessionKeys {
+    /// Stream: the session's durable log.
+    pub log: String,
+    /// String: offset of the newest entry ever appended (outlives trimming).
+    pub head: String,
+    /// Hash: pod, instance, connection, epoch and time of the live owner. Leased.
+    pub owner: String,
+    /// Counter: the claim epoch.
+    pub epoch: String,
+}
+
+impl SessionKeys {
+    pub fn new(session: &SessionId) -> Self {
+        let tag = format!("wsf:{{s:{session}}}");
+        Self {
+            log: format!("{tag}:log"),
+            head: format!("{tag}:head"),
+            owner: format!("{tag}:owner"),
+            epoch: format!("{tag}:epoch"),
+        }
+    }
+
+    /// String: the offset an `Idempotency-Key` was given.
+    pub fn idempotency(session: &SessionId, key: &str) -> String {
+        format!("wsf:{{s:{session}}}:idem:{key}")
+    }
+}
+
+/// The keys of one channel.
+pub struct ChannelKeys {
+    pub log: String,
+    pub head: String,
+    /// Sorted set: pods with subscribers, scored by when their membership expires.
+    pub pods: String,
+}
+
+impl ChannelKeys {
+    pub fn new(channel: &ChannelName) -> Self {
+        let tag = format!("wsf:{{c:{channel}}}");
+        Self {
+            log: format!("{tag}:log"),
+            head: format!("{tag}:head"),
+            pods: format!("{tag}:pods"),
+        }
+    }
+
+    pub fn idempotency(channel: &ChannelName, key: &str) -> String {
+        format!("wsf:{{c:{channel}}}:idem:{key}")
+    }
+}
+
+/// Stream: deliveries and control notices routed to one pod.
+pub fn inbox(pod: &str) -> String {
+    format!("wsf:inbox:{{{pod}}}")
+}
+
+/// Hash: pod name -> JSON status with its expiry, for `GET /v1/fleet`.
+pub const FLEET: &str = "wsf:fleet";
+
+/// Consumer group every pod uses on its own inbox.
+pub const INBOX_GROUP: &str = "pod";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The part of a key Redis Cluster hashes.
+    fn hash_tag(key: &str) -> &str {
+        let open = key.find('{').expect("tag open");
+        let close = key[open..].find('}').expect("tag close") + open;
+        &key[open + 1..close]
+    }
+
+    #[test]
+    fn every_key_of_a_session_or_channel_shares_one_slot() {
+        let s = SessionId::parse("user:42").unwrap();
+        let k = SessionKeys::new(&s);
+        let idem = SessionKeys::idempotency(&s, "k{1}");
+        for key in [&k.log, &k.head, &k.owner, &k.epoch, &idem] {
+            assert_eq!(hash_tag(key), "s:user:42", "{key}");
+        }
+        let c = ChannelName::parse("chat.room").unwrap();
+        let k = ChannelKeys::new(&c);
+        for key in [&k.log, &k.head, &k.pods, &ChannelKeys::idempotency(&c, "x")] {
+            assert_eq!(hash_tag(key), "c:chat.room", "{key}");
+        }
+    }
+
+    #[test]
+    fn sessions_and_channels_of_the_same_name_do_not_collide() {
+        let s = SessionKeys::new(&SessionId::parse("x").unwrap());
+        let c = ChannelKeys::new(&ChannelName::parse("x").unwrap());
+        assert_ne!(s.log, c.log);
+        assert_ne!(s.head, c.head);
+    }
+}

@@ -77,6 +77,11 @@ pub struct ServeConfig {
     #[arg(long, env = "WSFLEET_REDIS_TIMEOUT_MS", default_value_t = 2000)]
     pub redis_timeout_ms: u64,
 
+    /// Replicas that must acknowledge each append before it is accepted
+    /// (Redis WAIT; single-server mode only). 0: the primary alone.
+    #[arg(long, env = "WSFLEET_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
+
     /// Seconds a session's ownership (and a pod's channel membership) lasts
     /// without renewal: a dead pod's sessions are free after this.
     #[arg(long, env = "WSFLEET_SESSION_LEASE_S", default_value_t = 30)]
@@ -195,6 +200,8 @@ pub enum ConfigError {
     JwtKeyInvalid(String),
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
+    #[error("--redis-wait-replicas works with a single Redis primary, not with --redis-cluster")]
+    WaitWithCluster,
 }
 
 impl ServeConfig {
@@ -229,6 +236,9 @@ impl ServeConfig {
         ];
         if let Some((_, name)) = non_zero.iter().find(|(v, _)| *v == 0) {
             return Err(ConfigError::Zero(name));
+        }
+        if self.redis_wait_replicas > 0 && self.redis_cluster {
+            return Err(ConfigError::WaitWithCluster);
         }
         if self.auth == AuthMode::Jwt
             && self.jwt_hs256_secret.is_none()

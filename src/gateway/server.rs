@@ -98,6 +98,7 @@ impl Gateway {
                     retention,
                     upstream_stream: config.upstream_stream.clone(),
                     timeout: Duration::from_millis(config.redis_timeout_ms),
+                    wait_replicas: config.redis_wait_replicas,
                 };
                 let redis = RedisBus::connect(options, pod.clone(), metrics.clone()).await?;
                 redis.spawn_background(&tracker, shutdown.clone());

@@ -72,6 +72,8 @@ pub struct RedisOptions {
     pub upstream_stream: String,
     /// Deadline of every Redis call.
     pub timeout: Duration,
+    /// Replicas that must acknowledge an append (WAIT) before it is accepted.
+    pub wait_replicas: u32,
 }
 
 /// A session owned by a connection on this pod.
@@ -187,6 +189,21 @@ impl RedisBus {
             .await?;
         let offset = id.parse::<Offset>().map_err(unavailable)?;
         self.metrics.retention_trims.inc_by(trimmed);
+        if self.opts.wait_replicas > 0 {
+            // WAIT covers the writes made earlier on this same connection,
+            // the append included. Commands queued behind it wait too: the
+            // price of replica acknowledgement on a multiplexed connection.
+            let mut wait = redis::cmd("WAIT");
+            wait.arg(self.opts.wait_replicas)
+                .arg(self.opts.timeout.as_millis() as u64 / 2);
+            let acked: i64 = self.call("wait", wait.query_async(&mut conn)).await?;
+            if acked < i64::from(self.opts.wait_replicas) {
+                return Err(BusError::Unavailable(format!(
+                    "only {acked} of {} replicas acknowledged offset {offset}; it may still be delivered, retry with the same Idempotency-Key",
+                    self.opts.wait_replicas
+                )));
+            }
+        }
         if duplicate == 1 {
             return Ok((offset, None, None));
         }

@@ -369,8 +369,8 @@ mod tests {
         let first = bus.claim(&s, &old).await.unwrap();
         let second = bus.claim(&s, &new).await.unwrap();
         assert!(second.epoch > first.epoch);
-        assert_eq!(old_inbox.control.reason(), Some(CloseReason::TakenOver));
-        assert_eq!(new_inbox.control.reason(), None);
+        assert_eq!(old_inbox.close_reason(), Some(CloseReason::TakenOver));
+        assert_eq!(new_inbox.close_reason(), None);
         // The old connection's late release must not free the new owner.
         bus.release(&s, first).await;
         assert!(bus.session_info(&s).await.unwrap().is_some());
@@ -390,8 +390,10 @@ mod tests {
             sent.push(bus.send_to_session(&s, msg(&d, None)).await.unwrap());
         }
         for want in &sent {
-            let got = inbox.queue.recv().await.unwrap();
-            assert_eq!(got.offset, *want);
+            match inbox.next().await {
+                crate::bus::Event::Deliver(got) => assert_eq!(got.offset, *want),
+                other => panic!("expected a delivery, got {other:?}"),
+            }
         }
         let replay = bus.session_log(&s, Some(sent[1])).await.unwrap();
         let offsets: Vec<_> = replay.entries.iter().map(|d| d.offset).collect();
@@ -423,13 +425,9 @@ mod tests {
         for _ in 0..10 {
             bus.publish(&c, msg(&d, None)).await.unwrap();
         }
-        assert_eq!(slow_inbox.control.reason(), Some(CloseReason::SlowConsumer));
-        assert_eq!(fast_inbox.control.reason(), None);
-        let mut got = 0;
-        while fast_inbox.queue.try_recv().is_ok() {
-            got += 1;
-        }
-        assert_eq!(got, 10);
+        assert_eq!(slow_inbox.close_reason(), Some(CloseReason::SlowConsumer));
+        assert_eq!(fast_inbox.close_reason(), None);
+        assert_eq!(fast_inbox.queued(), 10);
         assert!(bus.metrics.queue_overflows.get() >= 1);
     }
 

@@ -26,7 +26,7 @@ use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
 pub use log::{Log, Retention};
-pub use mailbox::{ConnId, Control, Inbox, Mailbox, Offer, mailbox};
+pub use mailbox::{ConnId, Event, Inbox, Mailbox, Offer, mailbox};
 
 use crate::pod::PodStatus;
 use crate::protocol::{ChannelName, Offset, SessionId};

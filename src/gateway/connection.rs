@@ -22,12 +22,13 @@ use futures_util::FutureExt;
 use rand::Rng;
 use serde_json::json;
 use serde_json::value::RawValue;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::Instrument;
 
 use super::AppState;
 use super::rate::{TokenBucket, elapsed_ms};
 use crate::auth::Grant;
-use crate::bus::{Claim, ConnId, Delivery, Inbox, Mailbox, Outgoing, mailbox};
+use crate::bus::{Claim, ConnId, Delivery, Event, Inbox, Mailbox, Outgoing, mailbox};
 use crate::pod::ConnectionSlot;
 use crate::protocol::close::{self, CloseReason};
 use crate::protocol::{
@@ -127,15 +128,24 @@ impl Connection {
 }
 
 /// The connection task: runs the connection, contains any panic, cleans up.
-pub async fn serve(mut socket: WebSocket, mut conn: Connection) {
+/// `_tracked` keeps the pod's task tracker waiting for this connection.
+pub async fn serve(mut socket: WebSocket, mut conn: Connection, _tracked: TaskTrackerToken) {
     let state = conn.state.clone();
     state.metrics.connections_opened.inc();
     let (mailbox, mut inbox) = mailbox(conn.id, state.config.outbound_queue);
-    let span = tracing::info_span!("connection", session = %conn.session, conn = conn.id);
-    let run = conn
-        .run(&mut socket, &mailbox, &mut inbox)
-        .instrument(span.clone());
-    let end = match AssertUnwindSafe(run).catch_unwind().await {
+    // A debug-level span: an enabled span is stored by the subscriber for
+    // the connection's whole life, which costs memory on every connection.
+    // Warnings below name the session themselves.
+    let span = tracing::debug_span!("connection", session = %conn.session, conn = conn.id);
+    // One expression, no `let run`: a named future moved into catch_unwind
+    // would be stored twice in this task's state.
+    let outcome = AssertUnwindSafe(
+        conn.run(&mut socket, &mailbox, &mut inbox)
+            .instrument(span.clone()),
+    )
+    .catch_unwind()
+    .await;
+    let end = match outcome {
         Ok(end) => end,
         Err(panic) => {
             state.metrics.task_failures.inc();
@@ -144,31 +154,43 @@ pub async fn serve(mut socket: WebSocket, mut conn: Connection) {
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
-            tracing::error!(parent: &span, panic = %what, "connection task panicked; closing this connection only");
+            tracing::error!(session = %conn.session, panic = %what, "connection task panicked; closing this connection only");
             End::close(close::INTERNAL, "internal error in this connection")
         }
     };
     drop(inbox);
-    conn.finish(&mut socket, end).instrument(span).await;
+    Box::pin(conn.finish(&mut socket, end))
+        .instrument(span)
+        .await;
 }
 
 impl Connection {
     async fn run(&mut self, socket: &mut WebSocket, mailbox: &Mailbox, inbox: &mut Inbox) -> End {
+        // The opening is boxed: its locals (the replay) need not live in the
+        // connection's future for the rest of its life.
+        if let Err(end) = Box::pin(self.open(socket, mailbox)).await {
+            return end;
+        }
+        self.live(socket, mailbox, inbox).await
+    }
+
+    /// Claims the session, sends the welcome and replays the log after `last`.
+    async fn open(&mut self, socket: &mut WebSocket, mailbox: &Mailbox) -> Result<(), End> {
         let bus = self.state.bus.clone();
         // Claim first, so that everything accepted from now on is routed here...
         match bus.claim(&self.session, mailbox).await {
             Ok(claim) => self.claim = Some(claim),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot claim session");
-                return End::close(close::TRY_LATER, "bus unavailable, try later");
+                tracing::warn!(session = %self.session, error = %e, "cannot claim session");
+                return Err(End::close(close::TRY_LATER, "bus unavailable, try later"));
             }
         }
         // ...then replay what the log holds after `last`...
         let replay = match bus.session_log(&self.session, self.last).await {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read session log");
-                return End::close(close::TRY_LATER, "bus unavailable, try later");
+                tracing::warn!(session = %self.session, error = %e, "cannot read session log");
+                return Err(End::close(close::TRY_LATER, "bus unavailable, try later"));
             }
         };
         self.session_cursor = self.last;
@@ -180,9 +202,10 @@ impl Connection {
             replay.gap,
             cfg.heartbeat_s,
         );
-        if self.write(socket, "welcome", welcome.into()).await.is_err() {
-            return End::Gone { code: None };
-        }
+        let gone = |_| End::Gone { code: None };
+        self.write(socket, "welcome", welcome.into())
+            .await
+            .map_err(gone)?;
         self.state
             .metrics
             .handshake_duration
@@ -195,12 +218,10 @@ impl Connection {
         );
         self.emit(EventKind::Connect, None).await;
         for delivery in &replay.entries {
-            if self.deliver(socket, delivery, false).await.is_err() {
-                return End::Gone { code: None };
-            }
+            self.deliver(socket, delivery, false).await.map_err(gone)?;
         }
         // ...then go live.
-        self.live(socket, mailbox, inbox).await
+        Ok(())
     }
 
     async fn live(&mut self, socket: &mut WebSocket, mailbox: &Mailbox, inbox: &mut Inbox) -> End {
@@ -217,7 +238,16 @@ impl Connection {
         loop {
             tokio::select! {
                 biased;
-                reason = inbox.control.closed() => return End::from_reason(reason),
+                event = inbox.next() => match event {
+                    Event::Close(reason) => return End::from_reason(reason),
+                    Event::Deliver(delivery) => {
+                        // Boxed, like every branch's work below, so the
+                        // connection's resting future stays small (trap 12).
+                        if Box::pin(self.deliver(socket, &delivery, true)).await.is_err() {
+                            return End::Gone { code: None };
+                        }
+                    }
+                },
                 incoming = socket.recv() => {
                     awaiting_pong = false;
                     let message = match incoming {
@@ -225,13 +255,8 @@ impl Connection {
                         Some(Ok(m)) => m,
                         Some(Err(e)) => return read_error(e),
                     };
-                    if let Err(end) = self.on_message(socket, mailbox, message).await {
+                    if let Err(end) = Box::pin(self.on_message(socket, mailbox, message)).await {
                         return end;
-                    }
-                }
-                Some(delivery) = inbox.queue.recv() => {
-                    if self.deliver(socket, &delivery, true).await.is_err() {
-                        return End::Gone { code: None };
                     }
                 }
                 _ = &mut drained, if drain_at.is_none() => {
@@ -257,7 +282,8 @@ impl Connection {
                         }
                         awaiting_pong = true;
                         next_heartbeat = now + heartbeat;
-                        if self.write_message(socket, "ping", Message::Ping(Default::default())).await.is_err() {
+                        let ping = Message::Ping(Default::default());
+                        if Box::pin(self.write_message(socket, "ping", ping)).await.is_err() {
                             return End::Gone { code: None };
                         }
                     }

@@ -58,13 +58,10 @@ impl Gateway {
     pub async fn bind(config: ServeConfig) -> Result<Self, StartError> {
         config.validate()?;
         let auth = Authenticator::from_config(&config)?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = listen(config.listen).map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let metrics = Arc::new(Metrics::new());
         let pod = Arc::new(LocalPod::new(
             config.resolved_pod_name(),
@@ -175,6 +172,21 @@ impl Gateway {
         }
         tracing::info!("wsfleet stopped");
     }
+}
+
+/// Binds with a deep accept backlog: a burst of reconnecting clients (a
+/// drained pod's, say) should wait in the kernel's queue, not retransmit SYNs
+/// (the kernel caps it at net.core.somaxconn).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    const BACKLOG: u32 = 8192;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// Turns readiness off, lets every connection leave at its own moment

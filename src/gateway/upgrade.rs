@@ -168,8 +168,8 @@ pub async fn websocket(
         )
         .max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
-        .on_upgrade(move |socket| async move {
-            let _tracked = tracked;
-            connection::serve(socket, conn).await;
-        })
+        // The closure returns the connection's future itself: an `async`
+        // block around it would keep a second copy of `conn` for the whole
+        // life of the connection.
+        .on_upgrade(move |socket| connection::serve(socket, conn, tracked))
 }

@@ -373,9 +373,10 @@ impl RedisBus {
         let Ok(conn) = conn.parse::<ConnId>() else {
             return;
         };
-        if let Some((_, owner)) = self
-            .sessions
-            .remove_if(session, |_, o| o.mailbox.id == conn)
+        // Only closed here: the connection's own release then removes it
+        // and deletes the owner record.
+        if let Some(owner) = self.sessions.get(session)
+            && owner.mailbox.id == conn
         {
             owner.mailbox.close(reason);
         }

@@ -418,7 +418,7 @@ mod tests {
         let bus = bus(100);
         let c = ChannelName::parse("c").unwrap();
         let (slow, slow_inbox) = mailbox(1, 2);
-        let (fast, mut fast_inbox) = mailbox(2, 64);
+        let (fast, fast_inbox) = mailbox(2, 64);
         bus.subscribe(&c, &slow).await.unwrap();
         bus.subscribe(&c, &fast).await.unwrap();
         let d = data("0");

@@ -2,6 +2,8 @@
 //! clients (tokio-tungstenite) and a real HTTP client (reqwest).
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

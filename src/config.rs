@@ -73,6 +73,11 @@ pub struct ServeConfig {
     #[arg(long, env = "WSFLEET_REDIS_CLUSTER", default_value_t = false)]
     pub redis_cluster: bool,
 
+    /// PEM file of the CA that signed Redis's TLS certificate (rediss://),
+    /// when it is not in the public web PKI (a private or cluster CA).
+    #[arg(long, env = "WSFLEET_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
     /// Deadline of every Redis call, in milliseconds (then 503 `unavailable`).
     #[arg(long, env = "WSFLEET_REDIS_TIMEOUT_MS", default_value_t = 2000)]
     pub redis_timeout_ms: u64,
@@ -193,6 +198,12 @@ pub enum ConfigError {
     JwtKeyMissing,
     #[error("reading the RS256 public key {path}: {source}")]
     JwtKeyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("reading {what} {path}: {source}")]
+    File {
+        what: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },

@@ -81,6 +81,16 @@ impl Gateway {
                 (memory, false)
             }
             Some(url) => {
+                let ca_pem = match &config.redis_ca_file {
+                    None => None,
+                    Some(path) => {
+                        Some(std::fs::read(path).map_err(|source| ConfigError::File {
+                            what: "--redis-ca-file",
+                            path: path.clone(),
+                            source,
+                        })?)
+                    }
+                };
                 let options = RedisOptions {
                     target: Target {
                         urls: url
@@ -90,6 +100,7 @@ impl Gateway {
                             .filter(|u| !u.is_empty())
                             .collect(),
                         cluster: config.redis_cluster,
+                        ca_pem,
                     },
                     lease: Duration::from_secs(config.session_lease_s),
                     retention,

@@ -53,6 +53,8 @@ pub struct Target {
     /// One URL, or the seed nodes of a cluster.
     pub urls: Vec<String>,
     pub cluster: bool,
+    /// PEM of a CA to trust for `rediss://` instead of the public roots.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl Target {
@@ -70,7 +72,10 @@ impl Target {
             Ok(Conn::Cluster(client.get_async_connection().await?))
         } else {
             let url = self.urls.first().map(String::as_str).unwrap_or_default();
-            let client = redis::Client::open(url)?;
+            let client = match &self.ca_pem {
+                Some(ca) => redis::Client::build_with_tls(url, self.certificates(ca))?,
+                None => redis::Client::open(url)?,
+            };
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(2)))
                 .set_response_timeout(Some(response_timeout))
@@ -79,6 +84,15 @@ impl Target {
             Ok(Conn::Single(ConnectionManager::new_lazy_with_config(
                 client, config,
             )?))
+        }
+    }
+}
+
+impl Target {
+    fn certificates(&self, ca: &[u8]) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca.to_vec()),
         }
     }
 }

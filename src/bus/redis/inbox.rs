@@ -66,7 +66,7 @@ pub async fn read(bus: Arc<RedisBus>, shutdown: CancellationToken) {
                     streams.into_iter().flatten().flat_map(|(_, e)| e).collect();
                 if !entries.is_empty() {
                     dispatch(&bus, &entries);
-                    ack(&bus, &entries).await;
+                    ack(&bus, &entries);
                 }
             }
             Err(e) if e.to_string().contains("NOGROUP") => {
@@ -136,23 +136,29 @@ fn resync_everyone(bus: &RedisBus) {
     }
 }
 
-async fn ack(bus: &RedisBus, entries: &[Entry]) {
-    let mut cmd = redis::cmd("XACK");
-    cmd.arg(&bus.inbox).arg(keys::INBOX_GROUP);
+/// Acknowledges and deletes handed-over entries in one round trip, off the
+/// reader's path: the next XREADGROUP need not wait for it.
+fn ack(bus: &Arc<RedisBus>, entries: &[Entry]) {
+    let mut pipe = redis::pipe();
+    let xack = pipe.cmd("XACK").arg(&bus.inbox).arg(keys::INBOX_GROUP);
     for (id, _) in entries {
-        cmd.arg(id);
-    }
-    let mut conn = bus.conn.clone();
-    if let Err(e) = bus.call::<i64>("xack", cmd.query_async(&mut conn)).await {
-        tracing::warn!(error = %e, "acknowledging inbox entries failed");
+        xack.arg(id);
     }
     // Acknowledged entries are never read again; drop them from the stream.
-    let mut del = redis::cmd("XDEL");
-    del.arg(&bus.inbox);
+    let xdel = pipe.cmd("XDEL").arg(&bus.inbox);
     for (id, _) in entries {
-        del.arg(id);
+        xdel.arg(id);
     }
-    let _ = bus.call::<i64>("xdel", del.query_async(&mut conn)).await;
+    let bus = bus.clone();
+    tokio::spawn(async move {
+        let mut conn = bus.conn.clone();
+        if let Err(e) = bus
+            .call::<(i64, i64)>("xack_xdel", pipe.query_async(&mut conn))
+            .await
+        {
+            tracing::warn!(error = %e, "acknowledging inbox entries failed");
+        }
+    });
 }
 
 fn field<'a>(fields: &'a [String], name: &str) -> &'a str {

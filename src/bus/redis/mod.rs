@@ -183,12 +183,12 @@ impl RedisBus {
             .arg(self.opts.retention.max_messages)
             .arg(self.retention_ms())
             .arg(if idempotency.is_some() { "1" } else { "0" })
-            .arg(kind);
-        let (id, prev, trimmed, duplicate, targets): (String, String, u64, i64, Vec<String>) = self
+            .arg(kind)
+            .arg(now_ms());
+        let (id, prev, duplicate, targets): (String, String, i64, Vec<String>) = self
             .call("append", invocation.invoke_async(&mut conn))
             .await?;
         let offset = id.parse::<Offset>().map_err(unavailable)?;
-        self.metrics.retention_trims.inc_by(trimmed);
         if self.opts.wait_replicas > 0 {
             // WAIT covers the writes made earlier on this same connection,
             // the append included. Commands queued behind it wait too: the
@@ -311,9 +311,10 @@ impl RedisBus {
             .arg(self.opts.retention.max_messages + 16)
             .arg(self.retention_ms());
         type Entry = (String, Vec<String>);
-        let (head, entries): (String, Vec<Entry>) = self
+        let (head, entries, trimmed): (String, Vec<Entry>, u64) = self
             .call("replay", invocation.invoke_async(&mut conn))
             .await?;
+        self.metrics.retention_trims.inc_by(trimmed);
         let mut out = Vec::with_capacity(entries.len());
         let mut first_prev = None;
         for (i, (id, fields)) in entries.iter().enumerate() {

@@ -14,26 +14,27 @@ use redis::Script;
 /// KEYS: 1 log, 2 head, 3 idempotency key (or the head key again when
 /// unused), 4 routing key (session: owner hash; channel: pods sorted set).
 /// ARGV: 1 data, 2 from ('' if none), 3 max messages, 4 retention ms,
-/// 5 '1' to use the idempotency key, 6 's' session / 'c' channel.
+/// 5 '1' to use the idempotency key, 6 's' session / 'c' channel,
+/// 7 acceptance time (ms, the appending pod's clock).
 ///
-/// Returns {offset, prev, trimmed, duplicate, targets}: targets is
-/// {owner pod, owner instance} for a session ({} when not connected) and
-/// the pods with subscribers for a channel.
+/// Returns {offset, prev, duplicate, targets}: targets is {owner pod,
+/// owner instance} for a session ({} when not connected) and the pods with
+/// subscribers for a channel.
+///
+/// Trimming by count happens here (XADD MAXLEN); trimming by age happens in
+/// REPLAY before anything is read, and an idle log expires as a whole
+/// (PEXPIRE), which keeps this script, run for every message, short.
 pub static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local retention = tonumber(ARGV[4])
 if ARGV[5] == '1' then
   local seen = redis.call('GET', KEYS[3])
-  if seen then return {seen, '', 0, 1, {}} end
+  if seen then return {seen, '', 1, {}} end
 end
+local retention = tonumber(ARGV[4])
 local prev = redis.call('GET', KEYS[2]) or ''
-local id = redis.call('XADD', KEYS[1], '*', 'p', prev, 'd', ARGV[1], 'f', ARGV[2], 't', tostring(now))
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[3], '*', 'p', prev, 'd', ARGV[1], 'f', ARGV[2], 't', ARGV[7])
 redis.call('SET', KEYS[2], id, 'PX', retention + 3600000)
-local trimmed = redis.call('XTRIM', KEYS[1], 'MAXLEN', '=', ARGV[3])
-trimmed = trimmed + redis.call('XTRIM', KEYS[1], 'MINID', '=', tostring(now - retention) .. '-0')
 redis.call('PEXPIRE', KEYS[1], retention)
 if ARGV[5] == '1' then redis.call('SET', KEYS[3], id, 'PX', retention) end
 local targets = {}
@@ -41,10 +42,11 @@ if ARGV[6] == 's' then
   local owner = redis.call('HMGET', KEYS[4], 'pod', 'inst')
   if owner[1] then targets = {owner[1], owner[2] or ''} end
 else
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+  local t = redis.call('TIME')
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
   targets = redis.call('ZRANGE', KEYS[4], 0, -1)
 end
-return {id, prev, trimmed, 0, targets}
+return {id, prev, 0, targets}
 "#,
     )
 });
@@ -52,19 +54,20 @@ return {id, prev, trimmed, 0, targets}
 /// Reads a log after an offset, dropping what retention no longer keeps.
 ///
 /// KEYS: 1 log, 2 head. ARGV: 1 after ('' for all), 2 max entries, 3 retention ms.
-/// Returns {head, entries}.
+/// Returns {head, entries, trimmed}.
 pub static REPLAY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local trimmed = 0
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('XTRIM', KEYS[1], 'MINID', '=', tostring(now - tonumber(ARGV[3])) .. '-0')
+  trimmed = redis.call('XTRIM', KEYS[1], 'MINID', '=', tostring(now - tonumber(ARGV[3])) .. '-0')
 end
 local head = redis.call('GET', KEYS[2]) or ''
 local start = '-'
 if ARGV[1] ~= '' then start = '(' .. ARGV[1] end
-return {head, redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', ARGV[2])}
+return {head, redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', ARGV[2]), trimmed}
 "#,
     )
 });

@@ -36,6 +36,9 @@ pub enum Error {
     /// A child process of a multi-process run failed.
     #[error("worker {index} failed: {reason}")]
     Worker { index: usize, reason: String },
+    /// A server process started by `compare` (the floor or wsfleet) failed.
+    #[error("{name} server: {reason}")]
+    Server { name: &'static str, reason: String },
 }
 
 impl From<tungstenite::Error> for Error {
@@ -66,6 +69,7 @@ impl Error {
             Error::Timeout(_) => "timeout",
             Error::Protocol(_) => "protocol",
             Error::Worker { .. } => "worker",
+            Error::Server { .. } => "server",
         }
     }
 }

@@ -6,6 +6,13 @@
 //! heartbeat, and answers WebSocket pings. With the same buffer sizes as
 //! wsfleet, the gap between the two in BENCHMARKS.md is what wsfleet's
 //! features cost.
+//!
+//! It answers the HTTP upgrade itself rather than with tokio-tungstenite's
+//! `accept_hdr_async`: tungstenite's server handshake hands its 4 KiB
+//! request buffer to the connection as its read buffer, whatever
+//! `read_buffer_size` says, which made the "floor" spend some 4 KiB per idle
+//! connection more than a server built like wsfleet (axum upgrades without
+//! it) and hid most of the gap the floor exists to show.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,10 +23,12 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio_tungstenite::accept_hdr_async_with_config;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
 
 use crate::client::WsTuning;
 use crate::{Error, Result};
@@ -101,14 +110,64 @@ struct ClientFrame<'a> {
     data: Option<&'a RawValue>,
 }
 
-/// The session named in `?session=`, if any.
-fn session_of(request: &Request) -> Option<String> {
-    request
-        .uri()
-        .query()?
+/// The session named in `?session=` of a request target, if any.
+fn session_of(target: &str) -> Option<String> {
+    target
+        .split_once('?')?
+        .1
         .split('&')
         .find_map(|kv| kv.strip_prefix("session="))
         .map(str::to_string)
+}
+
+/// Largest upgrade request head accepted.
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+
+/// The server side of the WebSocket upgrade: reads the request head, answers
+/// `101` (or `400`), and returns the request target and any bytes read past
+/// the head (exact size: they become the start of the read buffer).
+async fn upgrade(stream: &mut TcpStream) -> Result<(String, Vec<u8>)> {
+    let mut head = Vec::with_capacity(1024);
+    let end = loop {
+        if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if head.len() >= MAX_REQUEST_HEAD {
+            return Err(Error::Protocol("upgrade request head too large".into()));
+        }
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(Error::Protocol("closed during upgrade".into()));
+        }
+        head.extend_from_slice(&chunk[..n]);
+    };
+    let text = String::from_utf8_lossy(&head[..end]);
+    let mut lines = text.split("\r\n");
+    let target = lines
+        .next()
+        .and_then(|l| l.strip_prefix("GET "))
+        .and_then(|l| l.split(' ').next())
+        .map(str::to_string);
+    let key = lines.find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("sec-websocket-key")
+            .then(|| v.trim().to_string())
+    });
+    let (Some(target), Some(key)) = (target, key) else {
+        let _ = stream
+            .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+            .await;
+        return Err(Error::Protocol("not a WebSocket upgrade".into()));
+    };
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Accept: {}\r\n\r\n",
+        derive_accept_key(key.as_bytes())
+    );
+    stream.write_all(response.as_bytes()).await?;
+    Ok((target, head[end..].to_vec()))
 }
 
 /// Answers the text frame `text`, if it needs an answer.
@@ -123,17 +182,19 @@ fn answer(text: &str) -> Option<String> {
     }
 }
 
-async fn connection(stream: TcpStream, config: Arc<FloorConfig>, n: u64) -> Result<()> {
+async fn connection(mut stream: TcpStream, config: Arc<FloorConfig>, n: u64) -> Result<()> {
     stream.set_nodelay(true)?;
-    let mut session = None;
-    // The error type is tungstenite's (`ErrorResponse`), not ours to shrink.
-    #[allow(clippy::result_large_err)]
-    let callback = |request: &Request, response: Response| {
-        session = session_of(request);
-        Ok(response)
-    };
-    let mut ws =
-        accept_hdr_async_with_config(stream, callback, Some(config.tuning.config())).await?;
+    // Boxed so that its buffers are not part of the resting connection future.
+    let (target, rest) = Box::pin(upgrade(&mut stream)).await?;
+    let session = session_of(&target);
+    drop(target);
+    let mut ws = WebSocketStream::from_partially_read(
+        stream,
+        rest,
+        Role::Server,
+        Some(config.tuning.config()),
+    )
+    .await;
     let session = session.unwrap_or_else(|| format!("floor-{n}"));
     let welcome = format!(
         r#"{{"type":"welcome","session":"{session}","pod":"{}","resumed":false,"gap":false,"heartbeat_s":{}}}"#,
@@ -188,5 +249,7 @@ mod tests {
         );
         assert_eq!(answer(r#"{"type":"upstream","data":1}"#), None);
         assert_eq!(answer("not json"), None);
+        assert_eq!(session_of("/ws?x=1&session=s9").as_deref(), Some("s9"));
+        assert_eq!(session_of("/ws"), None);
     }
 }

@@ -13,11 +13,13 @@
 //! - [`multiproc`]: splitting one run over several processes of this binary.
 //! - [`report`]: the human summary and the JSON result.
 //! - [`floor`]: a minimal echo server, the floor wsfleet is compared against.
+//! - [`compare`]: the same scenario against the floor and wsfleet, in one run.
 //!
 //! Every scenario can be called in-process, e.g.
 //! `wsfleet_bench::scenario::connect::run(params).await`.
 
 pub mod client;
+pub mod compare;
 pub mod error;
 pub mod floor;
 pub mod http;

@@ -7,9 +7,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use wsfleet_bench::client::WsTuning;
+use wsfleet_bench::compare::{self, CompareParams};
 use wsfleet_bench::floor::{self, FloorConfig};
 use wsfleet_bench::multiproc;
 use wsfleet_bench::scenario::{
@@ -136,6 +137,30 @@ enum Command {
         #[arg(long, default_value_t = 3600.0)]
         duration: f64,
     },
+    /// The same scenario against the echo floor and against wsfleet, each
+    /// started here as a child process on a free loopback port, with a
+    /// table of wsfleet / floor ratios. `--url` and `--server-pid` do not
+    /// apply: the servers are the ones it starts.
+    Compare {
+        /// The wsfleet executable (e.g. target/release/wsfleet).
+        #[arg(long)]
+        wsfleet_bin: PathBuf,
+        #[arg(long, value_enum, default_value_t = CompareScenario::Connect)]
+        scenario: CompareScenario,
+        #[command(flatten)]
+        common: CommonArgs,
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// Pings per second over all connections (ping).
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Longest wait for outstanding pongs, seconds (ping).
+        #[arg(long, default_value_t = 2.0)]
+        drain: f64,
+        /// Heartbeat of both servers, seconds.
+        #[arg(long, default_value_t = 25)]
+        heartbeat: u64,
+    },
     /// One process of a multi-process run (started by the bench itself).
     #[command(hide = true)]
     Worker {
@@ -148,16 +173,21 @@ enum Command {
     },
 }
 
+/// Scenarios the floor can serve, hence the ones `compare` runs.
+#[derive(Clone, Copy, ValueEnum)]
+enum CompareScenario {
+    Connect,
+    Ping,
+}
+
+const DEFAULT_URL: &str = "ws://127.0.0.1:8080/ws";
+
 /// Options every scenario takes.
 #[derive(Args)]
 struct CommonArgs {
     /// Server WebSocket URL(s), comma-separated or repeated; connections
     /// are spread round-robin. Loopback hosts only.
-    #[arg(
-        long = "url",
-        value_delimiter = ',',
-        default_value = "ws://127.0.0.1:8080/ws"
-    )]
+    #[arg(long = "url", value_delimiter = ',', default_value = DEFAULT_URL)]
     urls: Vec<String>,
     /// Seconds of the measured phase (default 10; soak 600).
     #[arg(long)]
@@ -186,7 +216,8 @@ struct CommonArgs {
     #[arg(long, default_value_t = 120.0)]
     ramp_timeout: f64,
     /// Per-connection tungstenite read buffer, bytes (allocated eagerly).
-    #[arg(long, default_value_t = 4096)]
+    /// 1024 is wsfleet's default; frames larger than it still work.
+    #[arg(long, default_value_t = 1024)]
     read_buffer: usize,
     /// Per-connection tungstenite write buffer, bytes (0: write through).
     #[arg(long, default_value_t = 0)]
@@ -278,6 +309,26 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             echo_floor(listen, read_buffer, write_buffer, heartbeat, duration).await?;
             return Ok(ExitCode::SUCCESS);
+        }
+        Command::Compare {
+            wsfleet_bin,
+            scenario,
+            common,
+            connections,
+            rate,
+            drain,
+            heartbeat,
+        } => {
+            return run_compare(
+                wsfleet_bin,
+                scenario,
+                &common,
+                connections,
+                rate,
+                drain,
+                heartbeat,
+            )
+            .await;
         }
         Command::Worker { plan, index, count } => {
             let plan: Plan = serde_json::from_str(&plan).context("reading the worker plan")?;
@@ -402,6 +453,63 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     let problems = report.problems();
     if !problems.is_empty() {
         eprintln!("run failed: {}", problems.join("; "));
+        return Ok(ExitCode::from(2));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `compare`: both runs, the table, the JSON; exit 2 if a side did not
+/// hold every connection (the ratios would compare unlike loads).
+async fn run_compare(
+    wsfleet_bin: PathBuf,
+    scenario: CompareScenario,
+    common_args: &CommonArgs,
+    connections: usize,
+    rate: f64,
+    drain: f64,
+    heartbeat: u64,
+) -> anyhow::Result<ExitCode> {
+    if !common_args.server_pids.is_empty() || common_args.urls != [DEFAULT_URL] {
+        bail!("compare starts its own servers: --url and --server-pid do not apply");
+    }
+    let common = common_args.common(10.0)?;
+    let plan = match scenario {
+        CompareScenario::Connect => Plan::Connect(connect::Params {
+            common,
+            connections,
+        }),
+        CompareScenario::Ping => Plan::Ping(ping::Params {
+            common,
+            connections,
+            rate,
+            drain_s: drain,
+        }),
+    };
+    let params = CompareParams {
+        wsfleet_bin,
+        plan,
+        processes: common_args.processes,
+        heartbeat_s: heartbeat,
+    };
+    // On Ctrl-C or SIGTERM the comparison future is dropped, which kills
+    // every server and worker child it started (kill_on_drop).
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let report = tokio::select! {
+        r = compare::run(&params) => r?,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; servers and workers stopped"),
+        _ = sigterm.recv() => bail!("terminated; servers and workers stopped"),
+    };
+    print!("{}", report.human());
+    if let Some(path) = &common_args.json {
+        report
+            .write_json(path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("result written to {}", path.display());
+    }
+    let problems = report.problems(connections);
+    if !problems.is_empty() {
+        eprintln!("comparison unfair: {}", problems.join("; "));
         return Ok(ExitCode::from(2));
     }
     Ok(ExitCode::SUCCESS)

@@ -45,20 +45,24 @@ impl Target {
 
     /// The URL to upgrade for `session`, resuming after `last` if given.
     pub fn ws_url(&self, session: &str, last: Option<Offset>) -> String {
+        format!(
+            "ws://{}{}",
+            self.authority,
+            self.request_path(session, last)
+        )
+    }
+
+    /// The request target (path and query) of the upgrade for `session`,
+    /// resuming after `last` if given.
+    pub fn request_path(&self, session: &str, last: Option<Offset>) -> String {
         let sep = if self.path_and_query.contains('?') {
             '&'
         } else {
             '?'
         };
         match last {
-            Some(last) => format!(
-                "ws://{}{}{sep}session={session}&last={last}",
-                self.authority, self.path_and_query
-            ),
-            None => format!(
-                "ws://{}{}{sep}session={session}",
-                self.authority, self.path_and_query
-            ),
+            Some(last) => format!("{}{sep}session={session}&last={last}", self.path_and_query),
+            None => format!("{}{sep}session={session}", self.path_and_query),
         }
     }
 
@@ -214,6 +218,10 @@ mod tests {
             "ws://127.0.0.1:8080/ws?token=a&session=s1&last=5-2"
         );
         assert_eq!(t.http_base(), "http://127.0.0.1:8080");
+        assert_eq!(
+            t.request_path("s1", Some(last)),
+            "/ws?token=a&session=s1&last=5-2"
+        );
     }
 
     #[test]

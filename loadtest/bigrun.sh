@@ -22,6 +22,12 @@
 #   SOURCE_IPS=(auto)      e.g. 127.0.0.2-127.0.0.9
 #   BASE_PORT=19100        pods listen on BASE_PORT .. BASE_PORT+PODS-1
 #   READ_BUFFER=1024  WRITE_BUFFER=0   both sides' WebSocket buffers
+#   CONNECT_RATE=(unlimited) new connections/s over all bench processes: at
+#                 a million connections an unthrottled ramp starves the
+#                 2 cores, and pongs to the pods' heartbeats arrive late
+#   HEARTBEAT_S=25 the pods' ping period: a million connections at 25 s is
+#                 40,000 pings and pongs a second, a real load on 2 cores
+#   RAMP_TIMEOUT=(C/1500+60) seconds the bench may take to open everything
 #   WSFLEET_BIN, BENCH_BIN (default: target/release/{wsfleet,wsfleet-bench}
 #   under CARGO_TARGET_DIR or ./target; build with
 #   `cargo build --release -p wsfleet -p wsfleet-bench`)
@@ -96,7 +102,7 @@ if ((conntrack_count > 0 && conntrack_max > 0 && total > conntrack_max)); then
     echo "bigrun: warning: conntrack is tracking ($conntrack_count entries) and nf_conntrack_max=$conntrack_max < $total connections" >&2
 fi
 
-ramp_timeout=$((CONNECTIONS / 1500 + 60))
+ramp_timeout=${RAMP_TIMEOUT:-$((CONNECTIONS / 1500 + 60))}
 MAX_SECONDS=${MAX_SECONDS:-$((ramp_timeout + DURATION + 300))}
 mkdir -p "$OUT_DIR"
 work=$(mktemp -d /tmp/bigrun.XXXXXX)
@@ -149,7 +155,7 @@ urls=()
 for ((i = 0; i < PODS; i++)); do
     port=$((BASE_PORT + i))
     RUST_LOG=${RUST_LOG:-warn} "$WSFLEET_BIN" serve --listen "127.0.0.1:$port" --pod-name "bigrun-$i" \
-        --read-buffer-bytes "$READ_BUFFER" --write-buffer-bytes "$WRITE_BUFFER" --heartbeat-s 25 \
+        --read-buffer-bytes "$READ_BUFFER" --write-buffer-bytes "$WRITE_BUFFER" --heartbeat-s "${HEARTBEAT_S:-25}" \
         --max-connections $((per_pod + 1000)) >"$work/pod-$i.log" 2>&1 &
     pod_pids+=($!)
     urls+=("ws://127.0.0.1:$port/ws")
@@ -176,6 +182,7 @@ setsid timeout -k 10 $((ramp_timeout + DURATION + 120)) "$BENCH_BIN" connect \
     --url "$url_list" --connections "$CONNECTIONS" --processes "$PROCESSES" \
     --source-ips "$SOURCE_IPS" "${server_pid_args[@]}" --duration "$DURATION" \
     --ramp-timeout "$ramp_timeout" --read-buffer "$READ_BUFFER" --write-buffer "$WRITE_BUFFER" \
+    ${CONNECT_RATE:+--connect-rate "$CONNECT_RATE"} \
     --json "$prefix-connect.json" >"$work/connect.out" 2>"$work/connect.err" &
 connect_pid=$!
 bench_pgids+=("$connect_pid")

@@ -19,4 +19,14 @@ fi
 # The Redis package may start a system instance on 6379; the tests never use
 # it: each starts its own redis-server on a free loopback port.
 
-cargo test --workspace --locked "$@"
+# The runner's last line is the doc-test summary (0 tests); end with the
+# totals of every test binary instead, so a reader (or CI) sees them last.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
+passed=$(grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
+echo
+echo "tests: $passed passed, $failed failed"
+exit "$status"

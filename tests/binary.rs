@@ -92,7 +92,11 @@ async fn sigterm_drains_connections_then_exits_zero() {
         .expect("spawn wsfleet");
     let base = format!("127.0.0.1:{port}");
     common::eventually("the binary listens", || async {
-        reqwest::get(format!("http://{base}/healthz")).await.is_ok()
+        common::http()
+            .get(format!("http://{base}/healthz"))
+            .send()
+            .await
+            .is_ok()
     })
     .await;
     let mut clients = Vec::new();
@@ -108,7 +112,11 @@ async fn sigterm_drains_connections_then_exits_zero() {
         .expect("kill");
     assert!(sent.success());
     common::eventually("readyz turns 503 while draining", || async {
-        match reqwest::get(format!("http://{base}/readyz")).await {
+        match common::http()
+            .get(format!("http://{base}/readyz"))
+            .send()
+            .await
+        {
             Ok(r) => r.status().as_u16() == 503,
             Err(_) => false,
         }

@@ -367,21 +367,13 @@ async fn delete_via_another_pod_closes_with_1000(fleet: &Fleet) {
     let s = fleet.name("deleted");
     let (mut client, _) = fleet.a().session(&s).await;
     let url = fleet.b().http(&format!("/v1/sessions/{s}"));
-    let resp = reqwest::Client::new()
-        .delete(&url)
-        .send()
-        .await
-        .expect("DELETE");
+    let resp = common::http().delete(&url).send().await.expect("DELETE");
     assert_eq!(resp.status().as_u16(), 204);
     let (_, ended) = client.recv_until_end().await;
     assert_eq!(ended, Ended::Closed(1000));
     let lookup = fleet.c().http(&format!("/v1/sessions/{s}"));
     until_get(&lookup, "the deleted session is gone", |st, _| st == 404).await;
-    let resp = reqwest::Client::new()
-        .delete(&url)
-        .send()
-        .await
-        .expect("DELETE");
+    let resp = common::http().delete(&url).send().await.expect("DELETE");
     assert_eq!(resp.status().as_u16(), 404, "not connected any more");
 }
 

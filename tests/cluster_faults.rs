@@ -344,7 +344,7 @@ fn status_and_code(resp: &(u16, Value)) -> (u16, String) {
 }
 
 async fn readyz(pod: &Pod) -> u16 {
-    match reqwest::get(pod.http("/readyz")).await {
+    match common::http().get(pod.http("/readyz")).send().await {
         Ok(r) => r.status().as_u16(),
         Err(_) => 0,
     }
@@ -634,7 +634,7 @@ async fn check_after_outage(setup: &mut OutageSetup, strict: bool) {
     // From now on every accepted message arrives, in order.
     let mut direct = Vec::new();
     let mut published = Vec::new();
-    let http = reqwest::Client::new();
+    let http = common::http().clone();
     for i in 0..5 {
         let deadline = Instant::now() + Duration::from_secs(20);
         for (list, url) in [

@@ -161,7 +161,7 @@ async fn http_api_errors_are_json_with_fitting_status() {
     assert_eq!(s, 400);
     let (s, b) = get_json(&url("/v1/sessions/nobody")).await;
     assert_eq!((s, b["error"]["code"].as_str()), (404, Some("not_found")));
-    let resp = reqwest::Client::new()
+    let resp = common::http()
         .delete(url("/v1/sessions/nobody"))
         .send()
         .await
@@ -169,7 +169,7 @@ async fn http_api_errors_are_json_with_fitting_status() {
     assert_eq!(resp.status().as_u16(), 404);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "not_found");
-    let raw = reqwest::Client::new()
+    let raw = common::http()
         .post(url("/v1/sessions/ok/messages"))
         .header("content-type", "application/json")
         .body("{not json")
@@ -228,7 +228,9 @@ async fn api_key_is_required_when_configured() {
     // Health and metrics stay open for probes and scrapers.
     assert_eq!(get_json(&server.http("/healthz")).await.0, 200);
     assert_eq!(
-        reqwest::get(server.http("/metrics"))
+        common::http()
+            .get(server.http("/metrics"))
+            .send()
             .await
             .unwrap()
             .status()

@@ -245,7 +245,7 @@ async fn session_info_delete_and_fleet() {
     assert_eq!(fleet["pods"][0]["connections"], 1);
     assert_eq!(fleet["pods"][0]["draining"], false);
 
-    let resp = reqwest::Client::new()
+    let resp = common::http()
         .delete(server.http("/v1/sessions/who"))
         .send()
         .await

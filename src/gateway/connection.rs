@@ -34,7 +34,7 @@ use crate::protocol::close::{self, CloseReason};
 use crate::protocol::{
     ChannelName, ClientFrame, ErrorCode, Offset, Request, SessionId, frame, parse_client_frame,
 };
-use crate::upstream::{EventKind, UpstreamError};
+use crate::upstream::EventKind;
 
 /// Everything one connection knows about itself. Sized with care: there is
 /// one of these per connection.
@@ -415,11 +415,7 @@ impl Connection {
                 .await
             {
                 Ok(()) => Ok(None),
-                Err(
-                    e @ (UpstreamError::NotConfigured
-                    | UpstreamError::Overloaded
-                    | UpstreamError::Bus(_)),
-                ) => Err((ErrorCode::Unavailable, e.to_string())),
+                Err(e) => Err((ErrorCode::Unavailable, e.to_string())),
             },
             ClientFrame::Panic => {
                 if self.state.config.fault_injection {

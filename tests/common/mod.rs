@@ -74,21 +74,11 @@ impl Server {
 
     /// POSTs `{"data": data}` to a session; returns (status, body).
     pub async fn post_session(&self, session: &str, data: Value) -> (u16, Value) {
-        post_json(
-            &self.http(&format!("/v1/sessions/{session}/messages")),
-            json!({ "data": data }),
-            &[],
-        )
-        .await
+        post_to_session(&self.http(""), session, data).await
     }
 
     pub async fn post_channel(&self, channel: &str, data: Value) -> (u16, Value) {
-        post_json(
-            &self.http(&format!("/v1/channels/{channel}/messages")),
-            json!({ "data": data }),
-            &[],
-        )
-        .await
+        post_to_channel(&self.http(""), channel, data).await
     }
 
     /// Starts draining as SIGTERM would, and waits for the gateway to stop.
@@ -102,7 +92,9 @@ impl Server {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(self.http("/metrics"))
+        http()
+            .get(self.http("/metrics"))
+            .send()
             .await
             .expect("metrics")
             .text()
@@ -122,8 +114,36 @@ pub fn metric(text: &str, sample: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// One HTTP client for every test: building a client loads the TLS root
+/// store, which showed up in profiles when each request built its own.
+pub fn http() -> &'static reqwest::Client {
+    static CLIENT: std::sync::LazyLock<reqwest::Client> =
+        std::sync::LazyLock::new(reqwest::Client::new);
+    &CLIENT
+}
+
+/// POSTs `{"data": data}` to `{base}/v1/sessions/{session}/messages`.
+pub async fn post_to_session(base: &str, session: &str, data: Value) -> (u16, Value) {
+    post_json(
+        &format!("{base}/v1/sessions/{session}/messages"),
+        json!({ "data": data }),
+        &[],
+    )
+    .await
+}
+
+/// POSTs `{"data": data}` to `{base}/v1/channels/{channel}/messages`.
+pub async fn post_to_channel(base: &str, channel: &str, data: Value) -> (u16, Value) {
+    post_json(
+        &format!("{base}/v1/channels/{channel}/messages"),
+        json!({ "data": data }),
+        &[],
+    )
+    .await
+}
+
 pub async fn post_json(url: &str, body: Value, headers: &[(&str, &str)]) -> (u16, Value) {
-    let mut req = reqwest::Client::new().post(url).json(&body);
+    let mut req = http().post(url).json(&body);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -134,7 +154,7 @@ pub async fn post_json(url: &str, body: Value, headers: &[(&str, &str)]) -> (u16
 }
 
 pub async fn get_json(url: &str) -> (u16, Value) {
-    let resp = reqwest::get(url).await.expect("GET");
+    let resp = http().get(url).send().await.expect("GET");
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
 }

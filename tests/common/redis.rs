@@ -14,11 +14,11 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
-use super::{Client, get_json, post_json};
+use super::{Client, get_json};
 
 /// The `wsfleet` binary built by cargo for this test run.
 pub const WSFLEET_BIN: &str = env!("CARGO_BIN_EXE_wsfleet");
@@ -502,7 +502,7 @@ impl Pod {
         let ready = pod.http("/readyz");
         let deadline = tokio::time::Instant::now() + PROCESS_PATIENCE;
         loop {
-            if let Ok(r) = reqwest::get(&ready).await
+            if let Ok(r) = super::http().get(&ready).send().await
                 && r.status().as_u16() == 200
             {
                 return pod;
@@ -572,7 +572,7 @@ impl Pod {
                     log_tail(&log, 30)
                 ));
             }
-            if let Ok(r) = reqwest::get(&health).await
+            if let Ok(r) = super::http().get(&health).send().await
                 && r.status().is_success()
             {
                 return Ok(Pod {
@@ -632,21 +632,11 @@ impl Pod {
     }
 
     pub async fn post_session(&self, session: &str, data: Value) -> (u16, Value) {
-        post_json(
-            &self.http(&format!("/v1/sessions/{session}/messages")),
-            json!({ "data": data }),
-            &[],
-        )
-        .await
+        super::post_to_session(&self.http(""), session, data).await
     }
 
     pub async fn post_channel(&self, channel: &str, data: Value) -> (u16, Value) {
-        post_json(
-            &self.http(&format!("/v1/channels/{channel}/messages")),
-            json!({ "data": data }),
-            &[],
-        )
-        .await
+        super::post_to_channel(&self.http(""), channel, data).await
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {

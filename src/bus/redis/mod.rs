@@ -401,10 +401,8 @@ impl RedisBus {
     }
 
     fn status_json(&self) -> String {
-        let mut status = self.pod.status();
-        status.pod = self.pod.name.clone();
         serde_json::json!({
-            "status": status,
+            "status": self.pod.status(),
             "expires_ms": now_ms() + self.lease_ms(),
         })
         .to_string()

@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Bus, Claim, ConnId, Delivery, Log, Mailbox, Offer, Outgoing, Replay, Result, Retention,
+    Bus, Claim, ConnId, Delivery, Holder, Log, Mailbox, Offer, Outgoing, Replay, Result, Retention,
     SessionInfo, now_ms,
 };
 use crate::pod::{LocalPod, PodStatus};
@@ -178,7 +178,13 @@ impl Bus for MemoryBus {
         if let Some(previous) = previous {
             previous.mailbox.close(CloseReason::TakenOver);
         }
-        Ok(Claim { epoch })
+        Ok(Claim {
+            epoch,
+            holder: Holder {
+                instance: 0,
+                conn: mailbox.id,
+            },
+        })
     }
 
     async fn release(&self, session: &SessionId, claim: Claim) {

@@ -75,11 +75,26 @@ pub struct Replay {
 }
 
 /// Proof of ownership of a session, returned by [`Bus::claim`].
+///
+/// Release and renewal match the whole claim, never the epoch alone: an
+/// epoch is a counter that restarts when its record is lost (trap 15), the
+/// holder is an identity that never repeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Claim {
-    /// Incremented by every claim of the session; a release or a delivery for
-    /// an older epoch is ignored.
+    /// Incremented by every claim of the session while its record lives;
+    /// orders claims, but may repeat after the record is lost.
     pub epoch: u64,
+    /// Which connection holds the claim.
+    pub holder: Holder,
+}
+
+/// A connection's identity across the fleet and across restarts: the
+/// process instance (random per process start) plus the connection id
+/// (never reused within the process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Holder {
+    pub instance: u64,
+    pub conn: ConnId,
 }
 
 /// Who holds a session's live connection.
@@ -106,6 +121,25 @@ pub enum BusError {
     /// The durable store cannot be reached or refused the write.
     #[error("bus unavailable: {0}")]
     Unavailable(String),
+    /// The write was sent but no answer came: it may or may not be stored.
+    /// Retrying with the same idempotency key is safe.
+    #[error("outcome unknown: {0}; retry with the same Idempotency-Key")]
+    Timeout(String),
+    /// A configured memory limit refuses new messages; the message names
+    /// the limit (flag) that was reached. Nothing was stored.
+    #[error("bus full: {0}")]
+    Full(String),
+}
+
+impl BusError {
+    /// The `error` frame code a client sees for this failure.
+    pub fn code(&self) -> crate::protocol::ErrorCode {
+        use crate::protocol::ErrorCode;
+        match self {
+            BusError::Unavailable(_) | BusError::Full(_) => ErrorCode::Unavailable,
+            BusError::Timeout(_) => ErrorCode::Timeout,
+        }
+    }
 }
 
 pub type Result<T, E = BusError> = std::result::Result<T, E>;

@@ -394,7 +394,7 @@ impl Connection {
                     bus.publish(&channel, msg)
                         .await
                         .map(Some)
-                        .map_err(|e| (ErrorCode::Unavailable, e.to_string()))
+                        .map_err(|e| (e.code(), e.to_string()))
                 }
             }
             ClientFrame::Send { session, data } => {
@@ -406,7 +406,7 @@ impl Connection {
                 bus.send_to_session(&session, msg)
                     .await
                     .map(Some)
-                    .map_err(|e| (ErrorCode::Unavailable, e.to_string()))
+                    .map_err(|e| (e.code(), e.to_string()))
             }
             ClientFrame::Upstream { data } => match self
                 .state
@@ -481,7 +481,7 @@ impl Connection {
         let head = match bus.subscribe(&channel, mailbox).await {
             Ok(head) => head,
             Err(e) => {
-                let reply = refuse(ErrorCode::Unavailable, e.to_string());
+                let reply = refuse(e.code(), e.to_string());
                 return self
                     .write(socket, "error", reply.into())
                     .await
@@ -513,7 +513,7 @@ impl Connection {
             let replay = match bus.channel_log(&channel, since).await {
                 Ok(r) => r,
                 Err(e) => {
-                    let reply = refuse(ErrorCode::Unavailable, e.to_string());
+                    let reply = refuse(e.code(), e.to_string());
                     return self
                         .write(socket, "error", reply.into())
                         .await

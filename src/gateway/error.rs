@@ -40,7 +40,12 @@ impl ApiError {
 impl From<BusError> for ApiError {
     fn from(e: BusError) -> Self {
         match e {
-            BusError::Unavailable(_) => ApiError::unavailable(e.to_string()),
+            BusError::Unavailable(_) | BusError::Full(_) => ApiError::unavailable(e.to_string()),
+            BusError::Timeout(_) => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                ErrorCode::Timeout,
+                e.to_string(),
+            ),
         }
     }
 }

@@ -19,6 +19,8 @@ pub enum ErrorCode {
     RateLimited,
     UnknownType,
     Unavailable,
+    /// The bus may or may not have stored the message (outcome unknown).
+    Timeout,
     NotFound,
     Internal,
 }
@@ -33,6 +35,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::UnknownType => "unknown_type",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Timeout => "timeout",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Internal => "internal",
         }

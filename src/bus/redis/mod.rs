@@ -47,8 +47,8 @@ use conn::{BusMetrics, Conn};
 use keys::{ChannelKeys, SessionKeys};
 
 use super::{
-    Bus, BusError, Claim, ConnId, Delivery, Mailbox, Offer, Outgoing, Replay, Result, Retention,
-    SessionInfo, now_ms,
+    Bus, BusError, Claim, ConnId, Delivery, Holder, Mailbox, Offer, Outgoing, Replay, Result,
+    Retention, SessionInfo, now_ms,
 };
 use crate::pod::{LocalPod, PodStatus};
 use crate::protocol::close::CloseReason;
@@ -446,7 +446,13 @@ impl Bus for RedisBus {
             self.notify_owner(&prev_pod, "x", session, &prev_inst, &prev_conn)
                 .await;
         }
-        Ok(Claim { epoch })
+        Ok(Claim {
+            epoch,
+            holder: Holder {
+                instance: u64::from_str_radix(&self.inst, 16).unwrap_or_default(),
+                conn: mailbox.id,
+            },
+        })
     }
 
     async fn release(&self, session: &SessionId, claim: Claim) {

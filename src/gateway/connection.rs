@@ -949,7 +949,7 @@ mod tests {
             self.rx.recv().await
         }
 
-        /// The next text frame, skipping pings.
+        /// The next text frame; WebSocket pings in between are not answered.
         async fn json(&mut self) -> Value {
             loop {
                 match self.next().await {

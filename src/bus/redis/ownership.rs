@@ -315,7 +315,10 @@ impl RedisBus {
                 .with_label_values(&[renewal.label()])
                 .inc();
         }
-        let jitter = rand::rng().random_range(0..=self.opts.reconnect_jitter_ms);
+        let jitter = match renewal {
+            Renewal::Lost => rand::rng().random_range(0..=self.opts.reconnect_jitter_ms),
+            _ => 0,
+        };
         match after_renewal(renewal, jitter) {
             Upkeep::Keep => {}
             Upkeep::Resync => {

@@ -84,7 +84,8 @@ pub struct ServeConfig {
     pub redis_timeout_ms: u64,
 
     /// Replicas that must acknowledge each append before it is accepted
-    /// (Redis WAIT; single-server mode only). 0: the primary alone.
+    /// (Redis WAIT, on a connection of its own; single-server mode only;
+    /// 504 `timeout` when too few do in time). 0: the primary alone.
     #[arg(long, env = "WSFLEET_REDIS_WAIT_REPLICAS", default_value_t = 0)]
     pub redis_wait_replicas: u32,
 

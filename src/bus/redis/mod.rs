@@ -49,8 +49,8 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use conn::Target;
 use conn::{BusMetrics, Conn, Effect};
-pub use conn::{OUT_OF_MEMORY, Target};
 use keys::{ChannelKeys, SessionKeys};
 use ownership::LocalOwner;
 use replicas::{ReplicaRounds, ReplicaWait};

@@ -190,7 +190,11 @@ impl RedisBus {
             .ownership
             .with_label_values(&["claimed"])
             .inc();
-        if live == 1 && !prev_pod.is_empty() && prev_inst != self.inst {
+        // A displaced holder of another process may still be connected: with
+        // an owner record (`live`) surely, with only an unreleased claim
+        // record if its pod lost touch with Redis for longer than the lease.
+        if !prev_pod.is_empty() && prev_inst != self.inst {
+            tracing::debug!(%session, pod = prev_pod, live = live == 1, "taking the session over");
             self.notify_owner(&prev_pod, "x", session, &prev_inst, &prev_conn)
                 .await;
         }

@@ -25,6 +25,12 @@
 //! * A channel message goes once to each pod that has subscribers, then to
 //!   the local subscribers (trap 9).
 //!
+//! One job per file: `conn` (connections, what a failure means, metrics),
+//! `keys` (layout), `scripts` (the Lua steps), `ownership` (claim, release,
+//! renewal and the fence), `inbox` (reading this pod's inbox), `replicas`
+//! (WAIT), `upkeep` (the periodic pass); this file is the [`Bus`] itself:
+//! appends, routing, replays and channel membership.
+//!
 //! docs/architecture.md explains the design and its failure modes.
 
 mod conn;
@@ -36,6 +42,7 @@ pub mod scripts;
 mod upkeep;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -44,7 +51,6 @@ use futures_util::future::join_all;
 use rand::Rng;
 use redis::AsyncCommands;
 use serde_json::value::RawValue;
-use std::sync::atomic::{AtomicBool, Ordering};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

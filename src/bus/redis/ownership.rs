@@ -121,10 +121,10 @@ impl Renewal {
 
 /// What the pod does with a live connection after its renewal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Upkeep {
+pub(super) enum Fence {
     Keep,
     /// Routing skipped it for a while: catch up from the log.
-    Resync,
+    CatchUp,
     /// Close with this reason.
     Close(CloseReason),
 }
@@ -135,14 +135,14 @@ pub(super) enum Upkeep {
 /// it claims again, and its resume reports `gap` if history was lost. It
 /// is never silently re-owned: that could take the session back from a
 /// newer connection whose records were lost with it.
-pub(super) fn after_renewal(renewal: Renewal, jitter_ms: u64) -> Upkeep {
+pub(super) fn after_renewal(renewal: Renewal, jitter_ms: u64) -> Fence {
     match renewal {
-        Renewal::Renewed => Upkeep::Keep,
-        Renewal::Restored => Upkeep::Resync,
-        Renewal::Taken => Upkeep::Close(CloseReason::TakenOver),
+        Renewal::Renewed => Fence::Keep,
+        Renewal::Restored => Fence::CatchUp,
+        Renewal::Taken => Fence::Close(CloseReason::TakenOver),
         // The drain's close: same frames, same client behaviour (come back
         // after `after_ms`, with `last`).
-        Renewal::Lost => Upkeep::Close(CloseReason::Drain {
+        Renewal::Lost => Fence::Close(CloseReason::Drain {
             after_ms: jitter_ms,
         }),
     }
@@ -324,8 +324,8 @@ impl RedisBus {
             _ => 0,
         };
         match after_renewal(renewal, jitter) {
-            Upkeep::Keep => {}
-            Upkeep::Resync => {
+            Fence::Keep => {}
+            Fence::CatchUp => {
                 tracing::info!(%session, "owner record had lapsed and nobody claimed since; restored, catching up from the log");
                 if let Some(owner) = self.sessions.get(session)
                     && owner.local.claim.holder == holder
@@ -333,7 +333,7 @@ impl RedisBus {
                     owner.mailbox.offer(&Arc::new(Delivery::resync(None)));
                 }
             }
-            Upkeep::Close(reason) => {
+            Fence::Close(reason) => {
                 if renewal == Renewal::Lost {
                     tracing::warn!(%session, "Redis has no record of this session's claim (data lost); asking the client to reconnect");
                 } else {
@@ -436,12 +436,12 @@ mod tests {
     #[test]
     fn the_fence_closes_moved_sessions_4409_and_asks_lost_ones_to_reconnect() {
         let cases = [
-            (Renewal::Renewed, Upkeep::Keep),
-            (Renewal::Restored, Upkeep::Resync),
-            (Renewal::Taken, Upkeep::Close(CloseReason::TakenOver)),
+            (Renewal::Renewed, Fence::Keep),
+            (Renewal::Restored, Fence::CatchUp),
+            (Renewal::Taken, Fence::Close(CloseReason::TakenOver)),
             (
                 Renewal::Lost,
-                Upkeep::Close(CloseReason::Drain { after_ms: 321 }),
+                Fence::Close(CloseReason::Drain { after_ms: 321 }),
             ),
         ];
         for (renewal, want) in cases {

@@ -169,7 +169,8 @@ pub struct BusMetrics {
     pub pending: IntGauge,
     /// Writes Redis refused with `-OOM`.
     pub oom_refusals: IntCounter,
-    /// 1 from the first `-OOM` until a probe write succeeds again.
+    /// 1 from the first `-OOM` until a probe write succeeds again (set by
+    /// the bus, which probes).
     pub out_of_memory: IntGauge,
     /// Appends whose outcome is unknown (reply timed out after sending).
     pub outcome_unknown: IntCounter,
@@ -293,13 +294,7 @@ impl BusMetrics {
         };
         self.errors.with_label_values(&[command]).inc();
         match &error {
-            BusError::Full(_) => {
-                self.oom_refusals.inc();
-                if self.out_of_memory.get() == 0 {
-                    tracing::error!(command, "{OUT_OF_MEMORY}");
-                }
-                self.out_of_memory.set(1);
-            }
+            BusError::Full(_) => self.oom_refusals.inc(),
             BusError::Timeout(why) => {
                 self.outcome_unknown.inc();
                 tracing::warn!(command, why, "append outcome unknown");

@@ -222,8 +222,11 @@ impl RedisBus {
             .bus_metrics
             .call(command, self.opts.timeout, effect, call)
             .await;
-        if let Err(BusError::Full(_)) = &outcome {
-            self.out_of_memory.store(true, Ordering::Relaxed);
+        if let Err(BusError::Full(why)) = &outcome
+            && !self.out_of_memory.swap(true, Ordering::Relaxed)
+        {
+            self.bus_metrics.out_of_memory.set(1);
+            tracing::error!(command, "{why}");
         }
         outcome
     }

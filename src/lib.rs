@@ -21,6 +21,7 @@
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod controller;
 pub mod gateway;
 pub mod pod;
 pub mod protocol;

@@ -107,6 +107,7 @@ impl Gateway {
                     upstream_stream: config.upstream_stream.clone(),
                     timeout: Duration::from_millis(config.redis_timeout_ms),
                     wait_replicas: config.redis_wait_replicas,
+                    delivery_repair: Duration::from_millis(config.delivery_repair_ms),
                 };
                 let redis = RedisBus::connect(options, pod.clone(), metrics.clone()).await?;
                 redis.spawn_background(&tracker, shutdown.clone());

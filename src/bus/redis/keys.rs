@@ -65,6 +65,12 @@ pub fn inbox(pod: &str) -> String {
     format!("wsf:inbox:{{{pod}}}")
 }
 
+/// Set: repair hints for one pod (logs whose routing to it failed), in
+/// the inbox's slot.
+pub fn repair(pod: &str) -> String {
+    format!("wsf:repair:{{{pod}}}")
+}
+
 /// Hash: pod name -> JSON status with its expiry, for `GET /v1/fleet`.
 pub const FLEET: &str = "wsf:fleet";
 

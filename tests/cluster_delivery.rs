@@ -192,7 +192,10 @@ async fn messages_whose_inbox_xadd_is_refused_arrive_within_the_bound() {
     assert!(metric(&failures, "wsfleet_route_failures_total{kind=\"channel\"}") >= 3.0);
     let repairs = metrics(&b).await;
     assert!(
-        metric(&repairs, "wsfleet_route_repairs_total{reason=\"route_failed\"}") >= 2.0,
+        metric(
+            &repairs,
+            "wsfleet_route_repairs_total{reason=\"route_failed\"}"
+        ) >= 2.0,
         "the repairs are counted:\n{repairs}"
     );
     quiet.assert_alive().await;
@@ -284,9 +287,7 @@ async fn entries_whose_read_reply_timed_out_are_read_again_from_the_pending_list
         metric(&repairs, "wsfleet_route_repairs_total{reason=\"pending\"}") >= 1.0,
         "{repairs}"
     );
-    let pending = redis
-        .cli(&["XPENDING", "wsf:inbox:{pod-b}", "pod"])
-        .await;
+    let pending = redis.cli(&["XPENDING", "wsf:inbox:{pod-b}", "pod"]).await;
     assert!(
         pending.trim_start().starts_with('0'),
         "nothing stays pending: {pending}"
@@ -371,7 +372,14 @@ async fn channel_holes_are_filled_once_per_pod_not_once_per_subscriber() {
     // The last one has nothing behind it to reveal its hole.
     want.extend(publish(&a, "mixed", 1, "via-a-last").await);
     for (i, sub) in subscribers.iter_mut().enumerate() {
-        expect_messages(sub, Some("mixed"), &want, accepted_at, &format!("subscriber {i}")).await;
+        expect_messages(
+            sub,
+            Some("mixed"),
+            &want,
+            accepted_at,
+            &format!("subscriber {i}"),
+        )
+        .await;
     }
     let unique: HashSet<&String> = want.iter().collect();
     assert_eq!(unique.len(), want.len());

@@ -96,7 +96,9 @@ pub async fn read(bus: Arc<RedisBus>, shutdown: CancellationToken) {
                         .repairs
                         .with_label_values(&["inbox_lost"])
                         .inc();
-                    tracing::info!("inbox group (re)created; catching every connection up from the logs");
+                    tracing::info!(
+                        "inbox group (re)created; catching every connection up from the logs"
+                    );
                     resync_everyone(&bus);
                 } else {
                     sleep_or_stop(&shutdown, &mut backoff).await;

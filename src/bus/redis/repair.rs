@@ -275,13 +275,11 @@ async fn take_hints(bus: &RedisBus) {
             pipe.cmd("XLEN").arg(&bus.inbox);
         }
         let mut conn = bus.conn.clone();
-        let reply: Vec<redis::Value> = match bus
-            .call("spop_repair", pipe.query_async(&mut conn))
-            .await
-        {
-            Ok(r) => r,
-            Err(_) => return, // Redis is away: try next period
-        };
+        let reply: Vec<redis::Value> =
+            match bus.call("spop_repair", pipe.query_async(&mut conn)).await {
+                Ok(r) => r,
+                Err(_) => return, // Redis is away: try next period
+            };
         let members: Vec<String> = reply
             .first()
             .and_then(|v| redis::from_redis_value(v.clone()).ok())
@@ -359,7 +357,10 @@ async fn drop_backlog(bus: &RedisBus, backlog: u64) {
     let mut conn = bus.conn.clone();
     let mut trim = redis::cmd("XTRIM");
     trim.arg(&bus.inbox).arg("MAXLEN").arg(0);
-    if let Err(e) = bus.call::<i64>("xtrim_inbox", trim.query_async(&mut conn)).await {
+    if let Err(e) = bus
+        .call::<i64>("xtrim_inbox", trim.query_async(&mut conn))
+        .await
+    {
         tracing::warn!(error = %e, backlog, "cannot drop the inbox backlog");
         return;
     }

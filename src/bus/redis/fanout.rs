@@ -25,11 +25,17 @@ use crate::protocol::{ChannelName, Offset};
 pub(super) struct LocalChannel {
     pub subscribers: Vec<Mailbox>,
     /// The newest offset offered to the subscribers here; everything before
-    /// it in the log was offered too. `None` until the first subscribe's
-    /// head or the first delivery sets it.
+    /// it in the log was offered too (or predates every subscription here).
+    /// `None` before the first subscribe's head is known, and after it when
+    /// the log was empty then: every entry is to offer.
     cursor: Option<Offset>,
+    /// The first subscribe's head is known: `cursor` is a reference point.
+    started: bool,
     /// The newest offset seen beyond a hole: a catch-up from the log is due.
     ahead: Option<Offset>,
+    /// A catch-up was asked for (a repair hint, a lost inbox) since the
+    /// running catch-up last read the log, or before one could start.
+    due: bool,
     /// A catch-up task is reading the log for this channel.
     catching_up: bool,
 }
@@ -46,10 +52,21 @@ pub(super) enum Fit {
 }
 
 /// Where `offset` (whose predecessor in the log is `prev`) falls relative
-/// to `cursor`, the newest offset offered.
-pub(super) fn fit(cursor: Option<Offset>, offset: Offset, prev: Option<Offset>) -> Fit {
+/// to `cursor`, the newest offset offered; `started`: the cursor is a
+/// reference point (before the first subscribe's head is known, anything
+/// is offered and the connections dedupe).
+pub(super) fn fit(
+    started: bool,
+    cursor: Option<Offset>,
+    offset: Offset,
+    prev: Option<Offset>,
+) -> Fit {
     match cursor {
-        None => Fit::Next,
+        None if !started => Fit::Next,
+        // Nothing offered yet from a log that was empty at the first
+        // subscribe: only its first entry has nothing before it.
+        None if prev.is_none() => Fit::Next,
+        None => Fit::Hole,
         Some(c) if offset <= c => Fit::Seen,
         // `prev` absent: the log's first entry ever (or its head was lost).
         Some(c) if prev.is_none_or(|p| p <= c) => Fit::Next,
@@ -73,10 +90,15 @@ impl LocalChannel {
         }
     }
 
-    /// Sets the starting point from a subscribe's head if there is none yet.
+    /// Sets the starting point from the first subscribe's head (unless a
+    /// delivery set one meanwhile). Later subscribers start at their own
+    /// head on the connection side and drop what they were offered before it.
     pub fn start_at(&mut self, head: Option<Offset>) {
-        if self.cursor.is_none() {
-            self.cursor = head;
+        if !self.started {
+            self.started = true;
+            if self.cursor.is_none() {
+                self.cursor = head;
+            }
         }
     }
 
@@ -89,9 +111,10 @@ impl LocalChannel {
         true
     }
 
-    /// A hole waits to be filled and no catch-up runs: the repair loop retries.
+    /// A hole waits to be filled or a catch-up was asked for, and none
+    /// runs: the repair loop retries.
     pub fn stalled(&self) -> bool {
-        self.ahead.is_some() && !self.catching_up
+        (self.ahead.is_some() || self.due) && !self.catching_up
     }
 }
 
@@ -103,7 +126,7 @@ impl RedisBus {
             let Some(mut local) = self.channels.get_mut(channel) else {
                 return;
             };
-            match fit(local.cursor, delivery.offset, delivery.prev) {
+            match fit(local.started, local.cursor, delivery.offset, delivery.prev) {
                 Fit::Next => {
                     local.offer(delivery, &self.metrics.queue_overflows);
                     false
@@ -125,14 +148,11 @@ impl RedisBus {
     pub(super) fn catch_up_channel(&self, channel: &ChannelName, reason: &'static str) {
         let start = match self.channels.get_mut(channel) {
             Some(mut local) => {
-                if local.cursor.is_none() {
-                    // No reference point: each subscriber reads its own log.
-                    let notice = Arc::new(Delivery::resync(Some(channel.clone())));
-                    local.offer(&notice, &self.metrics.queue_overflows);
-                    false
-                } else {
-                    local.begin_catch_up()
-                }
+                // Also when one runs: its read may predate what is asked for.
+                local.due = true;
+                // Before the first head is known there is no point to read
+                // after; the repair loop asks again next period.
+                local.started && local.begin_catch_up()
             }
             None => false,
         };
@@ -159,8 +179,11 @@ impl RedisBus {
         let started = std::time::Instant::now();
         let mut offered = 0usize;
         loop {
-            let after = match self.channels.get(&channel) {
-                Some(local) => local.cursor,
+            let after = match self.channels.get_mut(&channel) {
+                Some(mut local) => {
+                    local.due = false;
+                    local.cursor
+                }
                 None => return,
             };
             let replay = self.channel_log(&channel, after).await;
@@ -188,8 +211,8 @@ impl RedisBus {
             let still_ahead = local
                 .ahead
                 .is_some_and(|a| local.cursor.is_none_or(|c| a > c));
-            if still_ahead && this_round > 0 {
-                continue; // more arrived past the part just read
+            if local.due || (still_ahead && this_round > 0) {
+                continue; // more was asked for or arrived past the part just read
             }
             if still_ahead {
                 // The log no longer has what lies between: retention
@@ -227,7 +250,8 @@ mod tests {
     fn fit_table() {
         // (cursor, offset, prev, expected)
         let table = [
-            (None, 5, Some(4), Fit::Next),
+            // The log was empty at the first subscribe.
+            (None, 5, Some(4), Fit::Hole),
             (None, 5, None, Fit::Next),
             (Some(4), 5, Some(4), Fit::Next),
             (Some(4), 5, None, Fit::Next),
@@ -240,19 +264,26 @@ mod tests {
         ];
         for (cursor, offset, prev, want) in table {
             assert_eq!(
-                fit(cursor.map(o), o(offset), prev.map(o)),
+                fit(true, cursor.map(o), o(offset), prev.map(o)),
                 want,
                 "cursor {cursor:?} offset {offset} prev {prev:?}"
             );
         }
+        // Before the first head is known: offer anything.
+        assert_eq!(fit(false, None, o(5), Some(o(4))), Fit::Next);
+        assert_eq!(fit(false, None, o(5), None), Fit::Next);
     }
 
     #[test]
     fn a_hole_is_marked_once_and_a_stalled_one_is_visible() {
         let mut local = LocalChannel::default();
-        local.start_at(Some(o(1)));
+        local.start_at(None);
         local.start_at(Some(o(9)));
-        assert_eq!(local.cursor, Some(o(1)), "the first head wins");
+        assert_eq!(
+            local.cursor, None,
+            "the first head wins, even an empty log's"
+        );
+        local.cursor = Some(o(1));
         assert!(local.begin_catch_up());
         assert!(!local.begin_catch_up(), "one catch-up at a time");
         local.ahead = Some(o(3));

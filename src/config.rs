@@ -89,6 +89,13 @@ pub struct ServeConfig {
     #[arg(long, env = "WSFLEET_REDIS_WAIT_REPLICAS", default_value_t = 0)]
     pub redis_wait_replicas: u32,
 
+    /// Cluster mode: longest delay, in milliseconds, before a message whose
+    /// routing to its pod failed (refused, timed out, inbox lost) still
+    /// reaches the live connection from the log. The repair loop runs every
+    /// half of it; each run costs one Redis round trip per pod.
+    #[arg(long, env = "WSFLEET_DELIVERY_REPAIR_MS", default_value_t = 2000)]
+    pub delivery_repair_ms: u64,
+
     /// Seconds a session's ownership (and a pod's channel membership) lasts
     /// without renewal: a dead pod's sessions are free after this.
     #[arg(long, env = "WSFLEET_SESSION_LEASE_S", default_value_t = 30)]
@@ -252,6 +259,7 @@ impl ServeConfig {
             (self.handshake_timeout_s as usize, "--handshake-timeout-s"),
             (self.session_lease_s as usize, "--session-lease-s"),
             (self.redis_timeout_ms as usize, "--redis-timeout-ms"),
+            (self.delivery_repair_ms as usize, "--delivery-repair-ms"),
         ];
         if let Some((_, name)) = non_zero.iter().find(|(v, _)| *v == 0) {
             return Err(ConfigError::Zero(name));

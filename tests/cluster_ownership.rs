@@ -549,6 +549,7 @@ async fn a_channel_replay_after_redis_lost_the_log_reports_a_gap() {
         upstream_max_age: Duration::ZERO,
         reconnect_jitter_ms: 0,
         max_message_bytes: 64 * 1024,
+        delivery_repair: Duration::from_secs(2),
     };
     let pod = Arc::new(wsfleet::pod::LocalPod::new("own-gap-bus".into(), 10));
     let metrics = Arc::new(wsfleet::telemetry::Metrics::new());

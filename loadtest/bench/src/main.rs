@@ -81,6 +81,11 @@ enum Command {
         /// Longest wait for deliveries to stop arriving, seconds.
         #[arg(long, default_value_t = 5.0)]
         drain: f64,
+        /// Least wait after the last publish before counting, seconds: set it
+        /// above the fleet's delivery bound so a missing message was lost,
+        /// not late.
+        #[arg(long, default_value_t = 0.0)]
+        settle: f64,
     },
     /// Sessions that drop and resume with `last` while messages flow;
     /// fails (exit 2) if any accepted message is never delivered.
@@ -383,6 +388,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             channel,
             http,
             drain,
+            settle,
         } => (
             Plan::Fanout(fanout::Params {
                 common: common.common(10.0)?,
@@ -392,6 +398,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 http_targets: http.targets()?,
                 max_in_flight: http.max_in_flight,
                 drain_s: drain,
+                settle_s: settle,
             }),
             common,
         ),

@@ -197,6 +197,7 @@ async fn fanout_against_wsfleet() {
             http_targets: Vec::new(),
             max_in_flight: 16,
             drain_s: 5.0,
+            settle_s: 0.0,
         }),
     )
     .await;
@@ -212,6 +213,8 @@ async fn fanout_against_wsfleet() {
         report.human()
     );
     assert_eq!(report.count("missing_deliveries"), 0);
+    assert_eq!(report.count("steady_subscribers"), 20, "{}", report.human());
+    assert_eq!(report.count("missing_deliveries_steady"), 0);
     assert_percentiles(&report, "delivery", published * 20);
     server.stop().await;
 }

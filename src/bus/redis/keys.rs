@@ -68,6 +68,12 @@ pub fn inbox(pod: &str) -> String {
     format!("wsf:inbox:{{{pod}}}")
 }
 
+/// Set: repair hints for one pod (logs whose routing to it failed), in
+/// the inbox's slot.
+pub fn repair(pod: &str) -> String {
+    format!("wsf:repair:{{{pod}}}")
+}
+
 /// String written just before each WAIT on the replica connection: WAIT
 /// covers the writes of its own connection, so this write (made after the
 /// appends it vouches for were acknowledged) carries their replication

@@ -28,21 +28,25 @@
 //! One job per file: `conn` (connections, what a failure means, metrics),
 //! `keys` (layout), `scripts` (the Lua steps), `ownership` (claim, release,
 //! renewal and the fence), `inbox` (reading this pod's inbox), `replicas`
-//! (WAIT), `upkeep` (the periodic pass); this file is the [`Bus`] itself:
+//! (WAIT), `upkeep` (the periodic pass), `fanout` (a channel's local
+//! subscribers, offered in log order), `repair` (the delivery bound when
+//! routing fails); this file is the [`Bus`] itself:
 //! appends, routing, replays and channel membership.
 //!
 //! docs/architecture.md explains the design and its failure modes.
 
 mod conn;
+mod fanout;
 mod inbox;
 mod keys;
 mod ownership;
+mod repair;
 mod replicas;
 pub mod scripts;
 mod upkeep;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -57,8 +61,10 @@ use tokio_util::task::TaskTracker;
 
 pub use conn::Target;
 use conn::{BusMetrics, Conn, Effect};
+use fanout::LocalChannel;
 use keys::{ChannelKeys, SessionKeys};
 use ownership::LocalOwner;
+use repair::{Hint, HintQueue, NoticeKind, RepairMetrics};
 use replicas::{ReplicaRounds, ReplicaWait};
 
 use super::{
@@ -70,8 +76,10 @@ use crate::protocol::close::CloseReason;
 use crate::protocol::{ChannelName, Offset, SessionId, frame};
 use crate::telemetry::Metrics;
 
-/// Entries an inbox keeps at most (approximately); older ones are dropped,
-/// which costs latency (the log fills the hole), never messages.
+/// Entries an inbox keeps at most (approximately): a backstop for a pod
+/// that stopped reading. A live pod drops its own backlog long before this
+/// and catches up from the logs (`repair.rs`), so senders' trimming never
+/// removes an entry unnoticed.
 const INBOX_MAXLEN: usize = 100_000;
 /// Entries the upstream stream keeps at most (approximately).
 const UPSTREAM_MAXLEN: usize = 1_000_000;
@@ -100,9 +108,14 @@ pub struct RedisOptions {
     /// The largest message a client may send: after an `-OOM`, Redis counts
     /// as having memory again once a write of this size succeeds.
     pub max_message_bytes: usize,
+    /// Longest delay before a message whose routing failed reaches its live
+    /// connection; the repair loop runs every half of it.
+    pub delivery_repair: Duration,
 }
 
 pub struct RedisBus {
+    /// Itself, for tasks started from `&self` (channel catch-ups).
+    me: Weak<RedisBus>,
     pod: Arc<LocalPod>,
     /// Random per process: tells this run of the pod from an earlier one
     /// with the same name (StatefulSets reuse names). Half of every holder.
@@ -122,10 +135,13 @@ pub struct RedisBus {
     replica_rounds: std::sync::Mutex<Option<ReplicaRounds>>,
     /// Sessions whose connection lives here.
     sessions: DashMap<SessionId, LocalOwner>,
-    /// Channels with subscribers here, and those subscribers.
-    channels: DashMap<ChannelName, Vec<Mailbox>>,
+    /// Channels with subscribers here: the subscribers and what they were offered.
+    channels: DashMap<ChannelName, LocalChannel>,
     /// This pod's inbox stream.
     inbox: String,
+    /// Repair hints owed to other pods whose inbox could not be written.
+    hints: HintQueue,
+    repair_metrics: RepairMetrics,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BusError {
@@ -170,7 +186,11 @@ impl RedisBus {
         } else {
             (None, None)
         };
-        Ok(Arc::new(Self {
+        let repair_metrics = RepairMetrics::register(&metrics);
+        Ok(Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            hints: HintQueue::default(),
+            repair_metrics,
             inbox: keys::inbox(&pod.name),
             pod,
             instance,
@@ -188,7 +208,7 @@ impl RedisBus {
     }
 
     /// Starts the inbox reader, the upkeep loop (leases, fleet status) and
-    /// the replica waiter.
+    /// the replica waiter and the delivery repair loop.
     pub fn spawn_background(self: &Arc<Self>, tracker: &TaskTracker, shutdown: CancellationToken) {
         tracker.spawn(inbox::read(self.clone(), shutdown.clone()));
         let rounds = self
@@ -199,6 +219,7 @@ impl RedisBus {
         if let Some(rounds) = rounds {
             tracker.spawn(rounds.run(shutdown.clone()));
         }
+        tracker.spawn(repair::run(self.clone(), shutdown.clone()));
         tracker.spawn(upkeep::run(self.clone(), shutdown));
     }
 
@@ -305,8 +326,10 @@ impl RedisBus {
         Ok((offset, parse_offset(&prev), Some(targets)))
     }
 
-    /// Appends an entry to another pod's inbox.
-    async fn route(&self, pod: &str, fields: &[(&str, &str)], kind: &'static str) {
+    /// Appends an entry to another pod's inbox. On failure (an error, a
+    /// timeout, or no inbox to write to) queues `hint` for the pod, so the
+    /// repair loop catches the named log up there within the delivery bound.
+    async fn route(&self, pod: &str, fields: &[(&str, &str)], kind: &'static str, hint: Hint) {
         let mut cmd = redis::cmd("XADD");
         cmd.arg(keys::inbox(pod))
             .arg("NOMKSTREAM")
@@ -318,19 +341,29 @@ impl RedisBus {
             cmd.arg(*k).arg(*v);
         }
         let mut conn = self.conn.clone();
-        match self
+        let failure = match self
             .call("xadd_inbox", cmd.query_async::<Option<String>>(&mut conn))
             .await
         {
-            Ok(_) => self
-                .bus_metrics
-                .routed
-                .with_label_values(&[kind, "out"])
-                .inc(),
-            // The log has the message; the owner catches up on its next
-            // message or the client's next resume.
-            Err(e) => tracing::warn!(error = %e, pod, "routing to the owner pod failed"),
-        }
+            Ok(Some(_)) => {
+                self.bus_metrics
+                    .routed
+                    .with_label_values(&[kind, "out"])
+                    .inc();
+                return;
+            }
+            // NOMKSTREAM: the pod's inbox is gone (deleted, Redis restarted
+            // empty, or the pod died and its inbox expired).
+            Ok(None) => "no inbox".to_string(),
+            Err(e) => e.to_string(),
+        };
+        self.repair_metrics
+            .route_failures
+            .with_label_values(&[kind])
+            .inc();
+        let queued = self.hints.push(pod, hint);
+        self.repair_metrics.hints_queued.set(queued as i64);
+        tracing::debug!(pod, kind, error = %failure, "routing to a pod failed; a repair hint is queued");
     }
 
     /// Hands a direct message to the local connection of its session.
@@ -339,20 +372,6 @@ impl RedisBus {
             && owner.mailbox.offer(delivery) == Offer::Overflow
         {
             self.metrics.queue_overflows.inc();
-        }
-    }
-
-    /// Hands a channel message to every local subscriber.
-    fn deliver_local_channel(&self, channel: &ChannelName, delivery: &Arc<Delivery>) {
-        if let Some(mut subscribers) = self.channels.get_mut(channel) {
-            subscribers.retain(|m| match m.offer(delivery) {
-                Offer::Queued => true,
-                Offer::Overflow => {
-                    self.metrics.queue_overflows.inc();
-                    true
-                }
-                Offer::Closed => false,
-            });
         }
     }
 
@@ -447,10 +466,21 @@ impl RedisBus {
         inst: &str,
         conn: &str,
     ) {
+        let hint = Hint::Notice {
+            kind: if kind == "x" {
+                NoticeKind::TakenOver
+            } else {
+                NoticeKind::Kicked
+            },
+            inst: inst.to_string(),
+            conn: conn.to_string(),
+            session: session.clone(),
+        };
         self.route(
             pod,
             &[("k", kind), ("n", session), ("i", inst), ("c", conn)],
-            kind,
+            "notice",
+            hint,
         )
         .await;
     }
@@ -540,7 +570,8 @@ impl Bus for RedisBus {
                 ("f", from),
                 ("t", &t),
             ];
-            self.route(pod, &fields, "session").await;
+            self.route(pod, &fields, "session", Hint::Session(session.clone()))
+                .await;
         }
         Ok(offset)
     }
@@ -579,10 +610,10 @@ impl Bus for RedisBus {
                 if let Some(d) =
                     self.delivery(Some(channel), offset, prev, msg.data.get(), "", accepted)
                 {
-                    self.deliver_local_channel(channel, &d);
+                    self.deliver_channel(channel, &d);
                 }
             } else {
-                remote.push(self.route(pod, &fields, "channel"));
+                remote.push(self.route(pod, &fields, "channel", Hint::Channel(channel.clone())));
             }
         }
         join_all(remote).await;
@@ -605,13 +636,18 @@ impl Bus for RedisBus {
         // between finds its subscriber; one appended before the membership
         // is older than the head returned below.
         {
-            let mut subscribers = self.channels.entry(channel.clone()).or_default();
-            if !subscribers.iter().any(|m| m.id == mailbox.id) {
-                subscribers.push(mailbox.clone());
+            let mut local = self.channels.entry(channel.clone()).or_default();
+            if !local.subscribers.iter().any(|m| m.id == mailbox.id) {
+                local.subscribers.push(mailbox.clone());
             }
         }
         match self.join_channel(channel).await {
-            Ok((head, _)) => Ok(head),
+            Ok((head, _)) => {
+                if let Some(mut local) = self.channels.get_mut(channel) {
+                    local.start_at(head);
+                }
+                Ok(head)
+            }
             Err(e) => {
                 self.unsubscribe(channel, mailbox.id).await;
                 Err(e)
@@ -620,12 +656,12 @@ impl Bus for RedisBus {
     }
 
     async fn unsubscribe(&self, channel: &ChannelName, conn_id: ConnId) {
-        if let Some(mut subscribers) = self.channels.get_mut(channel) {
-            subscribers.retain(|m| m.id != conn_id);
+        if let Some(mut local) = self.channels.get_mut(channel) {
+            local.subscribers.retain(|m| m.id != conn_id);
         }
         let emptied = self
             .channels
-            .remove_if(channel, |_, s| s.is_empty())
+            .remove_if(channel, |_, s| s.subscribers.is_empty())
             .is_some();
         if emptied {
             let keys = ChannelKeys::new(channel);

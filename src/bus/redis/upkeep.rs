@@ -9,7 +9,6 @@ use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
 use super::{RedisBus, keys};
-use crate::bus::Delivery;
 use crate::protocol::ChannelName;
 
 pub async fn run(bus: Arc<RedisBus>, shutdown: CancellationToken) {
@@ -54,7 +53,7 @@ async fn once(bus: &RedisBus) {
         // A membership that was missing means Redis lost it (restarted
         // empty): publishes since then never reached this pod.
         if let Ok((_, true)) = bus.join_channel(&channel).await {
-            bus.deliver_local_channel(&channel, &Arc::new(Delivery::resync(Some(channel.clone()))));
+            bus.catch_up_channel(&channel, "membership_lost");
         }
     }
 

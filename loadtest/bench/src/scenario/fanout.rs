@@ -37,6 +37,11 @@ pub struct Params {
     pub max_in_flight: usize,
     /// Longest wait for deliveries to stop arriving after the run.
     pub drain_s: f64,
+    /// Least wait after the last publish before deliveries are counted:
+    /// set it above the fleet's delivery bound (`--delivery-repair-ms`) so
+    /// that a message still missing then was lost, not late.
+    #[serde(default)]
+    pub settle_s: f64,
 }
 
 impl Params {
@@ -44,6 +49,7 @@ impl Params {
         super::check_count("subscribers", self.subscribers)?;
         check_range("rate", self.rate, 0.0, MAX_RATE)?;
         check_range("drain", self.drain_s, 0.0, 600.0)?;
+        check_range("settle", self.settle_s, 0.0, 600.0)?;
         validate_http_targets(&self.http_targets)?;
         validate_in_flight(self.max_in_flight)?;
         let channel = self.channel();
@@ -109,11 +115,13 @@ pub async fn execute(p: &Params, share: Share, coord: &Coordinator) -> Result<Me
         tokio::time::sleep(p.common.duration()).await;
     }
     stats.set_phase("run", started.elapsed());
+    let settle = Duration::from_secs_f64(p.settle_s);
     fleet
         .drain_quiet(
             "delivered",
             Duration::from_millis(500),
-            Duration::from_secs_f64(p.drain_s),
+            settle,
+            settle + Duration::from_secs_f64(p.drain_s),
         )
         .await;
     fleet.close(CLOSE_GRACE).await;
@@ -122,10 +130,14 @@ pub async fn execute(p: &Params, share: Share, coord: &Coordinator) -> Result<Me
 
 /// Subscribes, reports ready on the `ack`, then records every channel
 /// message; after a reconnect it resubscribes with `since` = the last
-/// channel offset it processed, and dedupes the overlap.
+/// channel offset it processed, and dedupes the overlap. A subscriber whose
+/// connection never ended adds what it got to `steady_delivered`, so that
+/// losses without any close or gap notice show on their own.
 async fn subscriber(mut conn: Conn, ready: Ready, channel: Arc<str>) {
     let mut ready = Some(ready);
     let mut since: Option<Offset> = None;
+    let mut delivered = 0u64;
+    let mut steady = true;
     if !conn
         .send_text(subscribe_frame(&channel, SUBSCRIBE_ID, None))
         .await
@@ -164,6 +176,7 @@ async fn subscriber(mut conn: Conn, ready: Ready, channel: Arc<str>) {
                     continue;
                 }
                 since = Some(o);
+                delivered += 1;
                 conn.stats.incr("delivered");
                 if let Some(t) = stamp(&data) {
                     conn.stats
@@ -171,6 +184,7 @@ async fn subscriber(mut conn: Conn, ready: Ready, channel: Arc<str>) {
                 }
             }
             Event::Reconnected => {
+                steady = false;
                 conn.stats.incr("resubscribed");
                 if !conn
                     .send_text(subscribe_frame(&channel, SUBSCRIBE_ID, since))
@@ -183,6 +197,10 @@ async fn subscriber(mut conn: Conn, ready: Ready, channel: Arc<str>) {
             Event::Ended => return,
             _ => {}
         }
+    }
+    if steady && ready.is_none() {
+        conn.stats.incr("steady_subscribers");
+        conn.stats.add("steady_delivered", delivered);
     }
     conn.close().await;
 }
@@ -197,6 +215,14 @@ pub(crate) fn finish(m: &mut Measurements, prefix: &str) -> BTreeMap<String, f64
     m.counts.insert(
         format!("{prefix}missing_deliveries"),
         expected.saturating_sub(delivered),
+    );
+    // Lost without a trace: subscribers that were never closed, never
+    // resubscribed and never told of a gap, yet did not get everything.
+    let steady = m.count(&format!("{prefix}steady_subscribers"));
+    let steady_delivered = m.count(&format!("{prefix}steady_delivered"));
+    m.counts.insert(
+        format!("{prefix}missing_deliveries_steady"),
+        (published * steady).saturating_sub(steady_delivered),
     );
     let mut rates = BTreeMap::new();
     handshake_rate(m, prefix, &mut rates);

@@ -429,15 +429,23 @@ impl Fleet {
     }
 
     /// Sets `Drain` and waits until `counter` has not moved for `quiet`
-    /// (at most `limit`): for deliveries whose expected total only the
-    /// merged result knows.
-    pub async fn drain_quiet(&self, counter: &str, quiet: Duration, limit: Duration) {
+    /// and at least `at_least` has passed (at most `limit`): for deliveries
+    /// whose expected total only the merged result knows.
+    pub async fn drain_quiet(
+        &self,
+        counter: &str,
+        quiet: Duration,
+        at_least: Duration,
+        limit: Duration,
+    ) {
         self.set_phase(Phase::Drain);
         let started = Instant::now();
         let deadline = started + limit;
         let mut last = self.stats.get(counter);
         let mut still_since = Instant::now();
-        while Instant::now() < deadline && still_since.elapsed() < quiet {
+        while Instant::now() < deadline
+            && (still_since.elapsed() < quiet || started.elapsed() < at_least)
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let now = self.stats.get(counter);
             if now != last {

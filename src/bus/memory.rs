@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,6 +30,17 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 
 pub struct MemoryBus {
     pod: Arc<LocalPod>,
+    /// Random per bus: with the connection id it names a claim's holder, an
+    /// identity that never repeats even when a session's entry (and with it
+    /// its epoch counter) is removed and recreated (trap 15).
+    instance: u64,
+    /// The bus's clock in ms: wall time that never goes backwards. Offsets
+    /// and retention ages both read it, so an entry is removed only after
+    /// the clock passed its newest offset, and a recreated log's first
+    /// offset is greater than any the session had before (trap 6).
+    clock_ms: AtomicU64,
+    /// Where wall time comes from; tests turn it by hand.
+    wall: WallClock,
     retention: Retention,
     sessions: DashMap<SessionId, SessionState>,
     channels: DashMap<ChannelName, ChannelState>,
@@ -45,7 +57,8 @@ struct SessionState {
 }
 
 struct Owner {
-    epoch: u64,
+    /// Release matches this, never the epoch alone.
+    holder: Holder,
     mailbox: Mailbox,
     connected_at: OffsetDateTime,
 }
@@ -100,10 +113,39 @@ impl IdempotencyKeys {
     }
 }
 
+/// The source of wall-clock time.
+#[derive(Debug, Clone)]
+pub enum WallClock {
+    System,
+    /// Milliseconds set by a test.
+    Manual(Arc<AtomicU64>),
+}
+
+impl WallClock {
+    fn now_ms(&self) -> u64 {
+        match self {
+            WallClock::System => now_ms(),
+            WallClock::Manual(ms) => ms.load(Ordering::Relaxed),
+        }
+    }
+}
+
 impl MemoryBus {
     pub fn new(pod: Arc<LocalPod>, retention: Retention, metrics: Arc<Metrics>) -> Self {
+        Self::with_clock(pod, retention, metrics, WallClock::System)
+    }
+
+    pub fn with_clock(
+        pod: Arc<LocalPod>,
+        retention: Retention,
+        metrics: Arc<Metrics>,
+        wall: WallClock,
+    ) -> Self {
         Self {
             pod,
+            instance: rand::random(),
+            clock_ms: AtomicU64::new(0),
+            wall,
             retention,
             sessions: DashMap::new(),
             channels: DashMap::new(),
@@ -125,13 +167,24 @@ impl MemoryBus {
                     _ = tick.tick() => {}
                 }
                 let Some(bus) = bus.upgrade() else { return };
-                bus.sweep(now_ms());
+                bus.sweep(bus.now_ms());
             }
         });
     }
 
-    /// One pass of the sweeper; public for tests that control time.
+    /// The bus's clock: never behind any time it has returned or swept at.
+    fn now_ms(&self) -> u64 {
+        let wall = self.wall.now_ms();
+        self.clock_ms.fetch_max(wall, Ordering::Relaxed).max(wall)
+    }
+
+    /// One pass of the sweeper at `now_ms`, which also advances the bus's
+    /// clock (a sweep is a reading of the clock); public for tests.
     pub fn sweep(&self, now_ms: u64) {
+        let now_ms = self
+            .clock_ms
+            .fetch_max(now_ms, Ordering::Relaxed)
+            .max(now_ms);
         let retention = self.retention;
         let mut trimmed = 0;
         self.sessions.retain(|_, s| {
@@ -167,29 +220,30 @@ impl MemoryBus {
 #[async_trait]
 impl Bus for MemoryBus {
     async fn claim(&self, session: &SessionId, mailbox: &Mailbox) -> Result<Claim> {
+        let holder = Holder {
+            instance: self.instance,
+            conn: mailbox.id,
+        };
         let mut state = self.sessions.entry(session.clone()).or_default();
         state.epoch += 1;
         let epoch = state.epoch;
         let previous = state.owner.replace(Owner {
-            epoch,
+            holder,
             mailbox: mailbox.clone(),
             connected_at: OffsetDateTime::now_utc(),
         });
         if let Some(previous) = previous {
             previous.mailbox.close(CloseReason::TakenOver);
         }
-        Ok(Claim {
-            epoch,
-            holder: Holder {
-                instance: 0,
-                conn: mailbox.id,
-            },
-        })
+        Ok(Claim { epoch, holder })
     }
 
     async fn release(&self, session: &SessionId, claim: Claim) {
         if let Some(mut state) = self.sessions.get_mut(session)
-            && state.owner.as_ref().is_some_and(|o| o.epoch == claim.epoch)
+            && state
+                .owner
+                .as_ref()
+                .is_some_and(|o| o.holder == claim.holder)
         {
             state.owner = None;
         }
@@ -199,8 +253,10 @@ impl Bus for MemoryBus {
     }
 
     async fn send_to_session(&self, session: &SessionId, msg: Outgoing<'_>) -> Result<Offset> {
-        let now = now_ms();
         let mut state = self.sessions.entry(session.clone()).or_default();
+        // Read under the entry's lock, so that appends to one log see the
+        // clock in order and an entry's offsets all trail the clock.
+        let now = self.now_ms();
         if let Some(offset) = msg
             .idempotency_key
             .and_then(|k| state.idempotency.get(k, now))
@@ -232,8 +288,10 @@ impl Bus for MemoryBus {
     }
 
     async fn publish(&self, channel: &ChannelName, msg: Outgoing<'_>) -> Result<Offset> {
-        let now = now_ms();
         let mut state = self.channels.entry(channel.clone()).or_default();
+        // Read under the entry's lock, so that appends to one log see the
+        // clock in order and an entry's offsets all trail the clock.
+        let now = self.now_ms();
         if let Some(offset) = msg
             .idempotency_key
             .and_then(|k| state.idempotency.get(k, now))
@@ -382,6 +440,62 @@ mod tests {
         assert!(bus.session_info(&s).await.unwrap().is_some());
         bus.release(&s, second).await;
         assert!(bus.session_info(&s).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_late_release_never_frees_the_owner_of_a_recreated_entry() {
+        let bus = bus(10);
+        let s = SessionId::parse("s").unwrap();
+        let (a, _a_inbox) = mailbox(1, 4);
+        let (b, _b_inbox) = mailbox(2, 4);
+        let (c, _c_inbox) = mailbox(3, 4);
+        let stale = bus.claim(&s, &a).await.unwrap();
+        let taken_over = bus.claim(&s, &b).await.unwrap();
+        bus.release(&s, taken_over).await;
+        assert_eq!(bus.sizes(), (0, 0), "an idle session's entry is removed");
+        let live = bus.claim(&s, &c).await.unwrap();
+        assert_eq!(
+            live.epoch, stale.epoch,
+            "the recreated entry restarts its epoch"
+        );
+        bus.release(&s, stale).await;
+        assert!(
+            bus.session_info(&s).await.unwrap().is_some(),
+            "the old connection's late release removed the newer owner"
+        );
+        bus.release(&s, live).await;
+        assert!(bus.session_info(&s).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_recreated_log_gives_offsets_above_every_earlier_one() {
+        let wall = Arc::new(AtomicU64::new(1_000_000));
+        let pod = Arc::new(LocalPod::new("pod-test".into(), 10));
+        let retention = Retention {
+            max_messages: 10,
+            max_age_ms: 60_000,
+        };
+        let bus = MemoryBus::with_clock(
+            pod,
+            retention,
+            Arc::new(Metrics::new()),
+            WallClock::Manual(wall.clone()),
+        );
+        let s = SessionId::parse("s").unwrap();
+        let d = data("1");
+        let first = bus.send_to_session(&s, msg(&d, None)).await.unwrap();
+        let last = bus.send_to_session(&s, msg(&d, None)).await.unwrap();
+        // The clock runs past retention, the entry goes, then the clock
+        // steps back (NTP) before the next message.
+        bus.sweep(1_000_000 + 120_000);
+        assert_eq!(bus.sizes(), (0, 0));
+        wall.store(1_000_000, Ordering::Relaxed);
+        let next = bus.send_to_session(&s, msg(&d, None)).await.unwrap();
+        assert!(next > last && last > first, "{first} {last} then {next}");
+        // A client resuming with `last` gets it instead of deduping it away.
+        let replay = bus.session_log(&s, Some(last)).await.unwrap();
+        assert_eq!(replay.entries.len(), 1);
+        assert_eq!(replay.entries[0].offset, next);
     }
 
     #[tokio::test]

@@ -46,6 +46,11 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// Upstream events by sink (`webhook`, `stream`) and outcome.
     pub upstream_events: IntCounterVec,
+    /// Embedded mode: estimated heap bytes of retained messages, keys and
+    /// entries (what `--max-retained-bytes` bounds).
+    pub retained_bytes: IntGauge,
+    /// Messages refused because a memory limit was reached, by limit.
+    pub bus_refusals: IntCounterVec,
 }
 
 /// Metric construction only fails on invalid names or duplicate
@@ -177,6 +182,16 @@ impl Metrics {
                 "wsfleet_upstream_events_total",
                 "Upstream events, by sink and outcome",
                 &["sink", "outcome"]
+            ),
+            retained_bytes: gauge(
+                "wsfleet_retained_bytes",
+                "Embedded mode: estimated heap bytes of retained messages (bounded by --max-retained-bytes)",
+            ),
+            bus_refusals: counter!(
+                r,
+                "wsfleet_bus_refusals_total",
+                "Messages refused because a memory limit was reached, by limit",
+                &["limit"]
             ),
             registry,
         }

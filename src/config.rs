@@ -161,7 +161,8 @@ pub struct ServeConfig {
 
     /// Embedded mode: bytes one session's or channel's log may hold; its
     /// oldest messages are trimmed beyond (a resume then reports a gap).
-    #[arg(long, env = "WSFLEET_MAX_LOG_BYTES", default_value_t = 4 * 1024 * 1024)]
+    /// The default holds the default retention of full-size frames.
+    #[arg(long, env = "WSFLEET_MAX_LOG_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_log_bytes: usize,
 
     /// Seconds over which a draining pod spreads its reconnect + 1012 closes.

@@ -17,7 +17,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use super::socket::ServerSocket as WebSocket;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::FutureExt;
 use rand::Rng;
 use serde_json::json;

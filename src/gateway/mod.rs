@@ -14,6 +14,7 @@ mod error;
 mod health;
 mod rate;
 mod server;
+pub mod socket;
 mod upgrade;
 
 use std::sync::Arc;

@@ -17,7 +17,6 @@ mod health;
 mod order;
 mod rate;
 mod server;
-pub mod socket;
 mod upgrade;
 
 use std::sync::Arc;

@@ -161,6 +161,19 @@ pub struct ServeConfig {
     #[arg(long, env = "WSFLEET_RETENTION_S", default_value_t = 300)]
     pub retention_s: u64,
 
+    /// Embedded mode: bytes of memory all retained messages may hold
+    /// together (frames, idempotency keys, session and channel entries;
+    /// estimated). Beyond it new messages get 503 `unavailable`. Size it to
+    /// about a quarter of the memory the process may use.
+    #[arg(long, env = "WSFLEET_MAX_RETAINED_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_retained_bytes: usize,
+
+    /// Embedded mode: bytes one session's or channel's log may hold; its
+    /// oldest messages are trimmed beyond (a resume then reports a gap).
+    /// The default holds the default retention of full-size frames.
+    #[arg(long, env = "WSFLEET_MAX_LOG_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_log_bytes: usize,
+
     /// Seconds over which a draining pod spreads its reconnect + 1012 closes.
     #[arg(long, env = "WSFLEET_DRAIN_S", default_value_t = 30)]
     pub drain_s: u64,
@@ -260,6 +273,8 @@ impl ServeConfig {
             (self.session_lease_s as usize, "--session-lease-s"),
             (self.redis_timeout_ms as usize, "--redis-timeout-ms"),
             (self.delivery_repair_ms as usize, "--delivery-repair-ms"),
+            (self.max_retained_bytes, "--max-retained-bytes"),
+            (self.max_log_bytes, "--max-log-bytes"),
         ];
         if let Some((_, name)) = non_zero.iter().find(|(v, _)| *v == 0) {
             return Err(ConfigError::Zero(name));

@@ -48,6 +48,8 @@ fn help_documents_every_flag_with_its_env_var() {
         "upstream-stream",
         "read-buffer-bytes",
         "write-buffer-bytes",
+        "max-retained-bytes",
+        "max-log-bytes",
         "log-format",
         "fault-injection",
     ] {

@@ -19,10 +19,23 @@ pub struct Retention {
     pub max_age_ms: u64,
 }
 
+/// Estimated heap bytes one retained entry costs beside its frame: the
+/// `Arc<Delivery>` allocation with its counters, allocator headers and
+/// rounding, and the entry's slot in the queue with its growth slack.
+/// Checked against RSS by `tests/memory_budget.rs`.
+pub const ENTRY_OVERHEAD: usize = std::mem::size_of::<Delivery>() + 64;
+
+/// What one retained entry costs, frame included.
+pub fn entry_cost(frame_len: usize) -> usize {
+    frame_len + ENTRY_OVERHEAD
+}
+
 /// One session's or one channel's messages, oldest first.
 #[derive(Debug, Default)]
 pub struct Log {
     entries: VecDeque<Arc<Delivery>>,
+    /// Estimated heap bytes of `entries` ([`entry_cost`] each).
+    bytes: usize,
     /// The newest offset ever appended, kept after trimming so offsets never
     /// repeat and `prev` links stay right.
     head: Option<Offset>,
@@ -40,11 +53,16 @@ impl Log {
         render: impl FnOnce(Offset) -> String,
     ) -> Arc<Delivery> {
         let offset = Offset::next_after(self.head, now_ms);
+        // Exactly sized: a rendered String keeps its growth slack, which
+        // would be retained unaccounted for the whole retention (and makes
+        // `Bytes` allocate a second header).
+        let frame = String::from(render(offset).into_boxed_str());
+        self.bytes += entry_cost(frame.len());
         let delivery = Arc::new(Delivery {
             offset,
             prev: self.head,
             channel: channel.cloned(),
-            frame: Utf8Bytes::from(render(offset)),
+            frame: Utf8Bytes::from(frame),
             accepted_ms: now_ms,
             resync: false,
         });
@@ -53,20 +71,35 @@ impl Log {
         delivery
     }
 
-    /// Drops what retention no longer keeps. Returns how many were dropped.
-    pub fn trim(&mut self, retention: Retention, now_ms: u64) -> usize {
+    /// Drops what retention no longer keeps: beyond `retention`'s count or
+    /// age, or beyond `max_bytes` (oldest first, but never the newest
+    /// entry, so one message larger than the cap is still kept). Returns
+    /// how many were dropped.
+    pub fn trim(&mut self, retention: Retention, max_bytes: usize, now_ms: u64) -> usize {
         let mut dropped = 0;
         while let Some(oldest) = self.entries.front() {
             let too_many = self.entries.len() > retention.max_messages;
             let too_old = now_ms.saturating_sub(oldest.accepted_ms) > retention.max_age_ms;
-            if !too_many && !too_old {
+            let too_big = self.bytes > max_bytes && self.entries.len() > 1;
+            if !too_many && !too_old && !too_big {
                 break;
             }
             self.trimmed_through = Some(oldest.offset);
+            self.bytes -= entry_cost(oldest.frame.len());
             self.entries.pop_front();
             dropped += 1;
         }
+        if dropped > 0 && self.entries.capacity() > 2 * self.entries.len() + 8 {
+            // A burst's queue would otherwise keep its size after retention
+            // emptied it.
+            self.entries.shrink_to(self.entries.len() + 4);
+        }
         dropped
+    }
+
+    /// Estimated heap bytes held by the entries.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Retained entries after `after` (all when `None`).
@@ -145,16 +178,44 @@ mod tests {
         ];
         for (times, now, want) in cases {
             let mut log = log_at(times);
-            let dropped = log.trim(KEEP_3_FOR_1S, now);
+            let dropped = log.trim(KEEP_3_FOR_1S, usize::MAX, now);
             assert_eq!(offsets(&log.after(None)), want, "times {times:?} now {now}");
             assert_eq!(dropped, times.len() - want.len());
         }
     }
 
     #[test]
+    fn trims_by_bytes_oldest_first_but_keeps_the_newest() {
+        let mut log = Log::default();
+        let keep_many = Retention {
+            max_messages: 100,
+            max_age_ms: 1000,
+        };
+        for t in 1..=4 {
+            log.append(t, None, |_| "x".repeat(100));
+        }
+        let one = entry_cost(100);
+        assert_eq!(log.bytes(), 4 * one);
+        // (byte cap, entries left)
+        let cases = [(4 * one, 4), (3 * one + 1, 3), (2 * one, 2), (1, 1)];
+        for (cap, left) in cases {
+            log.trim(keep_many, cap, 4);
+            assert_eq!(log.len(), left, "cap {cap}");
+            assert_eq!(log.bytes(), left * one);
+        }
+        assert!(log.after(Some("1-0".parse().unwrap())).gap);
+        log.trim(keep_many, usize::MAX, 5000);
+        assert_eq!(
+            (log.len(), log.bytes()),
+            (0, 0),
+            "expiry returns every byte"
+        );
+    }
+
+    #[test]
     fn after_returns_the_tail_and_reports_gaps() {
         let mut log = log_at(&[1, 2, 3, 4, 5]);
-        log.trim(KEEP_3_FOR_1S, 5); // keeps 3-0, 4-0, 5-0
+        log.trim(KEEP_3_FOR_1S, usize::MAX, 5); // keeps 3-0, 4-0, 5-0
         // (after, expected offsets, gap)
         let cases: [(&str, &[&str], bool); 5] = [
             ("1-0", &["3-0", "4-0", "5-0"], true), // 2-0 is gone
@@ -173,7 +234,7 @@ mod tests {
     #[test]
     fn head_survives_trimming_so_offsets_never_repeat() {
         let mut log = log_at(&[7, 7]);
-        log.trim(KEEP_3_FOR_1S, 5000);
+        log.trim(KEEP_3_FOR_1S, usize::MAX, 5000);
         assert!(log.is_empty());
         let next = log.append(7, None, |o| o.to_string());
         assert_eq!(next.offset.to_string(), "7-2");

@@ -10,7 +10,8 @@
 //!   routing to the live connection is a hint that may be lost;
 //! * connections claim first, then replay the log, then go live, and drop
 //!   what they already delivered (see `gateway::connection`);
-//! * a claim carries an epoch; a newer claim closes the older connection (4409);
+//! * a claim carries an epoch and a holder that never repeats; a newer claim
+//!   closes the older connection (4409), and release matches the holder;
 //! * handing a message to a connection never waits ([`Mailbox::offer`]).
 
 mod log;

@@ -892,7 +892,7 @@ mod tests {
 
     use super::*;
     use crate::auth::Authenticator;
-    use crate::bus::memory::MemoryBus;
+    use crate::bus::memory::{MemoryBus, MemoryLimits};
     use crate::bus::{Bus, Claim, Replay, Retention, SessionInfo};
     use crate::config::ServeConfig;
     use crate::pod::{LocalPod, PodStatus};
@@ -1005,7 +1005,12 @@ mod tests {
 
     fn memory_state(flags: &[&str]) -> Arc<AppState> {
         state_with(flags, |pod, metrics| {
-            Arc::new(MemoryBus::new(pod, retention(), metrics))
+            Arc::new(MemoryBus::new(
+                pod,
+                retention(),
+                MemoryLimits::UNLIMITED,
+                metrics,
+            ))
         })
     }
 
@@ -1340,7 +1345,12 @@ mod tests {
         let lose: Vec<String> = lose.iter().map(|n| n.to_string()).collect();
         let state = state_with(&[], move |pod, metrics| {
             let bus = Arc::new(LossyHop {
-                inner: Arc::new(MemoryBus::new(pod, retention(), metrics)),
+                inner: Arc::new(MemoryBus::new(
+                    pod,
+                    retention(),
+                    MemoryLimits::UNLIMITED,
+                    metrics,
+                )),
                 lose: Mutex::new(lose),
                 target: Mutex::new(None),
             });

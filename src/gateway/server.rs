@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{AppState, router};
 use crate::auth::Authenticator;
-use crate::bus::memory::MemoryBus;
+use crate::bus::memory::{MemoryBus, MemoryLimits};
 use crate::bus::redis::{RedisBus, RedisOptions, Target};
 use crate::bus::{Bus, Retention};
 use crate::config::{ConfigError, ServeConfig};
@@ -76,7 +76,16 @@ impl Gateway {
         };
         let (bus, bus_stream): (Arc<dyn Bus>, bool) = match &config.redis_url {
             None => {
-                let memory = Arc::new(MemoryBus::new(pod.clone(), retention, metrics.clone()));
+                let limits = MemoryLimits {
+                    max_retained_bytes: config.max_retained_bytes,
+                    max_log_bytes: config.max_log_bytes,
+                };
+                let memory = Arc::new(MemoryBus::new(
+                    pod.clone(),
+                    retention,
+                    limits,
+                    metrics.clone(),
+                ));
                 memory.spawn_sweeper(shutdown.clone());
                 (memory, false)
             }

@@ -56,6 +56,11 @@ pub struct Metrics {
     pub replay_gaps: IntCounterVec,
     /// Live deliveries that found a hole (or a resync notice) and read the log.
     pub holes_filled: IntCounter,
+    /// Embedded mode: estimated heap bytes of retained messages, keys and
+    /// entries (what `--max-retained-bytes` bounds).
+    pub retained_bytes: IntGauge,
+    /// Messages refused because a memory limit was reached, by limit.
+    pub bus_refusals: IntCounterVec,
 }
 
 /// Metric construction only fails on invalid names or duplicate
@@ -214,6 +219,16 @@ impl Metrics {
                 r,
                 "wsfleet_holes_filled_total",
                 "Live deliveries that found a hole or a resync notice and read the log"
+            ),
+            retained_bytes: gauge(
+                "wsfleet_retained_bytes",
+                "Embedded mode: estimated heap bytes of retained messages (bounded by --max-retained-bytes)",
+            ),
+            bus_refusals: counter!(
+                r,
+                "wsfleet_bus_refusals_total",
+                "Messages refused because a memory limit was reached, by limit",
+                &["limit"]
             ),
             registry,
         }

@@ -14,10 +14,12 @@
 //! - [`report`]: the human summary and the JSON result.
 //! - [`floor`]: a minimal echo server, the floor wsfleet is compared against.
 //! - [`compare`]: the same scenario against the floor and wsfleet, in one run.
+//! - [`bigframe`]: what one large message leaves behind on every connection.
 //!
 //! Every scenario can be called in-process, e.g.
 //! `wsfleet_bench::scenario::connect::run(params).await`.
 
+pub mod bigframe;
 pub mod client;
 pub mod compare;
 pub mod error;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use wsfleet_bench::bigframe;
 use wsfleet_bench::client::WsTuning;
 use wsfleet_bench::compare::{self, CompareParams};
 use wsfleet_bench::floor::{self, FloorConfig};
@@ -165,6 +166,22 @@ enum Command {
         /// Heartbeat of both servers, seconds.
         #[arg(long, default_value_t = 25)]
         heartbeat: u64,
+    },
+    /// N idle subscribers of one channel, then one large publish: the
+    /// server's RSS per connection before and after, i.e. what the large
+    /// frame left behind on each connection. One process holds every
+    /// connection (`ulimit -n` bounds N); needs `--server-pid`.
+    Bigframe {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// Bytes of the published message's `data`.
+        #[arg(long, default_value_t = 60_000)]
+        payload_bytes: usize,
+        /// Pause before each RSS reading, seconds.
+        #[arg(long, default_value_t = 2.0)]
+        settle: f64,
     },
     /// One process of a multi-process run (started by the bench itself).
     #[command(hide = true)]
@@ -340,6 +357,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             multiproc::run_worker(&plan, Share { index, count }).await?;
             return Ok(ExitCode::SUCCESS);
         }
+        Command::Bigframe {
+            common,
+            connections,
+            payload_bytes,
+            settle,
+        } => return run_bigframe(&common, connections, payload_bytes, settle).await,
         Command::Connect {
             common,
             connections,
@@ -460,6 +483,55 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     let problems = report.problems();
     if !problems.is_empty() {
         eprintln!("run failed: {}", problems.join("; "));
+        return Ok(ExitCode::from(2));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bigframe`: one process, one server; exit 2 if a subscriber missed the
+/// message (the growth would then not be the large frame's).
+async fn run_bigframe(
+    args: &CommonArgs,
+    connections: usize,
+    payload_bytes: usize,
+    settle: f64,
+) -> anyhow::Result<ExitCode> {
+    if args.processes != 1 {
+        bail!("bigframe runs in one process: --processes does not apply");
+    }
+    let [server_pid] = args.server_pids[..] else {
+        bail!("bigframe needs exactly one --server-pid (the server whose RSS it reads)");
+    };
+    if !(0.0..=600.0).contains(&settle) {
+        bail!("--settle must be within 0..=600 seconds");
+    }
+    let common = args.common(10.0)?;
+    let Some(target) = common.targets.first().cloned() else {
+        bail!("bigframe needs a --url");
+    };
+    let outcome = bigframe::run(bigframe::Params {
+        target,
+        server_pid,
+        connections,
+        payload_bytes,
+        connect_concurrency: common.connect_concurrency,
+        tuning: common.tuning,
+        settle: Duration::from_secs_f64(settle),
+        timeout: Duration::from_secs_f64(common.ramp_timeout_s),
+        run_id: common.run_id,
+    })
+    .await?;
+    print!("{}", outcome.human());
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&outcome)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("result written to {}", path.display());
+    }
+    if outcome.received < connections {
+        eprintln!(
+            "run failed: {} of {connections} subscribers got the message",
+            outcome.received
+        );
         return Ok(ExitCode::from(2));
     }
     Ok(ExitCode::SUCCESS)

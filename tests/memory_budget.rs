@@ -55,6 +55,10 @@ async fn a_full_budget_refuses_new_messages_and_bounds_rss() {
             "budget-pod",
             "--max-retained-bytes",
             &BUDGET.to_string(),
+            // The live client is not polled while the POSTs run, so it
+            // answers no pings: a long heartbeat keeps it connected.
+            "--heartbeat-s",
+            "600",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

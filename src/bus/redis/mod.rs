@@ -708,6 +708,15 @@ impl Bus for RedisBus {
             .await?;
         Ok(())
     }
+
+    fn close_local_connections(&self, reason: CloseReason) -> usize {
+        let mut asked = 0;
+        for owner in self.sessions.iter() {
+            owner.mailbox.close(reason);
+            asked += 1;
+        }
+        asked
+    }
 }
 
 /// Every lease/3: publish this pod's status, keep its inbox alive, renew the

@@ -115,15 +115,47 @@ pub const NOT_LOOPBACK_MESSAGE: &str = "the backend API answers only loopback pe
      --api-key is set: start the pod with --api-key (and send Authorization: Bearer <key>), \
      or open it to the network on purpose with --insecure-api";
 
-#[derive(Deserialize)]
+/// The body of both message POSTs: `{"data":<json>}`. `data` borrows
+/// from the request body: the message is never copied while parsing.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct MessageBody {
-    data: Box<RawValue>,
+pub struct MessageBody<'a> {
+    #[serde(borrow)]
+    pub data: &'a RawValue,
 }
 
-/// Reads `{"data":<json>}`; the router caps bodies at the frame size limit.
-fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<MessageBody, ApiError> {
-    let body = body.map_err(|rejection| {
+/// Parses a message POST's body. Pure, so it is fuzzed (`fuzz/`); the
+/// router caps `body` at `--max-frame-bytes` before it gets here, and
+/// nothing here allocates more than the error message.
+pub fn parse_message_body(body: &[u8]) -> Result<MessageBody<'_>, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("body must be {{\"data\": <json>}}: {e}")))
+}
+
+/// Checks an `Idempotency-Key` header value: 1 to
+/// [`MAX_IDEMPOTENCY_KEY_LEN`] characters, each visible ASCII, space or tab
+/// (what `HeaderValue::to_str` accepts). Pure and fuzzed like the body.
+pub fn parse_idempotency_key(value: &[u8]) -> Result<&str, ApiError> {
+    let printable = value
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+    if !printable {
+        return Err(ApiError::bad_request(
+            "Idempotency-Key must be visible ASCII",
+        ));
+    }
+    if value.is_empty() || value.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(ApiError::bad_request(format!(
+            "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"
+        )));
+    }
+    std::str::from_utf8(value)
+        .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))
+}
+
+/// The body as axum read it, or why it could not (too large: 413).
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -133,24 +165,14 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<MessageBody, ApiErr
         } else {
             ApiError::bad_request(rejection.body_text())
         }
-    })?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("body must be {{\"data\": <json>}}: {e}")))
+    })
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
-    let Some(value) = headers.get("idempotency-key") else {
-        return Ok(None);
-    };
-    let key = value
-        .to_str()
-        .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?;
-    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
-        return Err(ApiError::bad_request(format!(
-            "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"
-        )));
-    }
-    Ok(Some(key))
+    headers
+        .get("idempotency-key")
+        .map(|value| parse_idempotency_key(value.as_bytes()))
+        .transpose()
 }
 
 fn session_id(raw: &str) -> Result<SessionId, ApiError> {
@@ -181,10 +203,11 @@ pub async fn send_to_session(
 ) -> Response {
     let result = async {
         let session = session_id(&session)?;
-        let body = parse_body(body)?;
+        let bytes = body_bytes(body)?;
+        let body = parse_message_body(&bytes)?;
         let key = idempotency_key(&headers)?;
         let msg = Outgoing {
-            data: &body.data,
+            data: body.data,
             from: None,
             idempotency_key: key,
         };
@@ -205,10 +228,11 @@ pub async fn publish(
     let result = async {
         let channel =
             ChannelName::parse(&channel).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let body = parse_body(body)?;
+        let bytes = body_bytes(body)?;
+        let body = parse_message_body(&bytes)?;
         let key = idempotency_key(&headers)?;
         let msg = Outgoing {
-            data: &body.data,
+            data: body.data,
             from: None,
             idempotency_key: key,
         };

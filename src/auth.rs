@@ -48,6 +48,10 @@ pub struct Grant {
     pub session: Option<SessionId>,
     /// `None`: every channel (auth mode `none`).
     pub channels: Option<ChannelGrant>,
+    /// The token's `exp` (Unix seconds): the connection closes with 1008 at
+    /// that moment unless the client sends a `refresh` first. `None` in
+    /// auth mode `none`.
+    pub expires_at: Option<u64>,
 }
 
 impl Grant {
@@ -55,6 +59,7 @@ impl Grant {
         Self {
             session: None,
             channels: None,
+            expires_at: None,
         }
     }
 
@@ -69,6 +74,8 @@ struct Claims {
     sub: Option<String>,
     #[serde(default)]
     channels: Vec<String>,
+    /// Required (and checked) by the validation; kept for the connection's life.
+    exp: u64,
 }
 
 /// Verifies client tokens according to the configured auth mode.
@@ -125,6 +132,7 @@ impl Authenticator {
         Ok(Grant {
             session: Some(session),
             channels: Some(ChannelGrant::new(claims.channels)),
+            expires_at: Some(claims.exp),
         })
     }
 }
@@ -193,6 +201,12 @@ mod tests {
         assert_eq!(grant.session.as_deref(), Some("s9"));
         assert!(grant.may_use(&ChannelName::parse("a.b").unwrap()));
         assert!(!grant.may_use(&ChannelName::parse("b").unwrap()));
+        assert!(
+            grant
+                .expires_at
+                .is_some_and(|e| e.abs_diff(in_an_hour()) <= 5),
+            "exp is kept for the connection's life"
+        );
     }
 
     #[test]

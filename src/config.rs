@@ -78,12 +78,14 @@ pub struct ServeConfig {
     #[arg(long, env = "WSFLEET_REDIS_CA_FILE")]
     pub redis_ca_file: Option<PathBuf>,
 
-    /// Deadline of every Redis call, in milliseconds (then 503 `unavailable`).
+    /// Deadline of every Redis call, in milliseconds: then 503 `unavailable`,
+    /// or 504 `timeout` for an append that was sent (outcome unknown).
     #[arg(long, env = "WSFLEET_REDIS_TIMEOUT_MS", default_value_t = 2000)]
     pub redis_timeout_ms: u64,
 
     /// Replicas that must acknowledge each append before it is accepted
-    /// (Redis WAIT; single-server mode only). 0: the primary alone.
+    /// (Redis WAIT, on a connection of its own; single-server mode only;
+    /// 504 `timeout` when too few do in time). 0: the primary alone.
     #[arg(long, env = "WSFLEET_REDIS_WAIT_REPLICAS", default_value_t = 0)]
     pub redis_wait_replicas: u32,
 
@@ -179,6 +181,12 @@ pub struct ServeConfig {
         default_value = "wsfleet:upstream"
     )]
     pub upstream_stream: String,
+
+    /// Seconds an event stays in --upstream-stream (besides its cap of about
+    /// 1,000,000 events); older ones are trimmed on the next append, so a
+    /// backend that is away longer misses them. 0: no age cap.
+    #[arg(long, env = "WSFLEET_UPSTREAM_MAX_AGE_S", default_value_t = 86_400)]
+    pub upstream_max_age_s: u64,
 
     /// Per-connection WebSocket read buffer in bytes (allocated for every
     /// connection; tungstenite's default is 128 KiB).

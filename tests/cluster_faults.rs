@@ -450,6 +450,9 @@ struct OutageSetup {
     sb: Client,
     sub_a: Client,
     sub_b: Client,
+    /// What `sb` and the channel subscribers processed before the outage.
+    sb_last: String,
+    ch_last: String,
 }
 
 async fn outage_setup(redis: &RedisServer, flags: &[&str], tag: &str) -> OutageSetup {
@@ -468,8 +471,10 @@ async fn outage_setup(redis: &RedisServer, flags: &[&str], tag: &str) -> OutageS
     // Cross-pod delivery works before the outage.
     let (status, body) = a.post_session("sb", json!("before")).await;
     assert_eq!(status, 202, "{body}");
-    assert_eq!(sb.recv_json().await["data"], "before");
-    let (status, _) = a.post_channel("ch", json!("before")).await;
+    let msg = sb.recv_json().await;
+    assert_eq!(msg["data"], "before");
+    let sb_last = msg["offset"].as_str().expect("offset").to_string();
+    let (status, body) = a.post_channel("ch", json!("before")).await;
     assert_eq!(status, 202);
     for c in [&mut sub_a, &mut sub_b] {
         assert_eq!(c.recv_json().await["data"], "before");
@@ -481,6 +486,49 @@ async fn outage_setup(redis: &RedisServer, flags: &[&str], tag: &str) -> OutageS
         sb,
         sub_a,
         sub_b,
+        sb_last,
+        ch_last: body["offset"].as_str().expect("offset").to_string(),
+    }
+}
+
+/// Redis came back empty: no record proves who owns what any more, so every
+/// connection is asked to reconnect (`reconnect` + 1012) and claims again;
+/// a resume whose history went with the data says `gap: true`.
+async fn reconnect_after_wipe(setup: &mut OutageSetup) {
+    for (name, client) in [
+        ("sa", &mut setup.sa),
+        ("sb", &mut setup.sb),
+        ("sub-a", &mut setup.sub_a),
+        ("sub-b", &mut setup.sub_b),
+    ] {
+        let (frames, ended) =
+            tokio::time::timeout(Duration::from_secs(20), client.recv_until_end())
+                .await
+                .unwrap_or_else(|_| panic!("{name} was not asked to reconnect"));
+        assert_eq!(ended, common::Ended::Closed(1012), "{name}: {frames:?}");
+        assert!(
+            frames.iter().any(|f| f["type"] == "reconnect"),
+            "{name}: no reconnect frame in {frames:?}"
+        );
+    }
+    setup.sa = setup.a.session("sa").await.0;
+    let (sb, welcome) = setup.b.session(&format!("sb&last={}", setup.sb_last)).await;
+    assert_eq!(
+        welcome["gap"], true,
+        "sb's log was lost with Redis: {welcome}"
+    );
+    setup.sb = sb;
+    let since = setup.ch_last.clone();
+    for (pod, name, slot) in [
+        (&setup.a, "sub-a", &mut setup.sub_a),
+        (&setup.b, "sub-b", &mut setup.sub_b),
+    ] {
+        let (mut client, _) = pod.session(name).await;
+        let ack = client
+            .request(json!({"type":"subscribe","channel":"ch","since":since}), 1)
+            .await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        *slot = client;
     }
 }
 
@@ -591,7 +639,8 @@ where
 }
 
 /// After Redis is back: ready again, POSTs accepted, delivered across pods
-/// to sessions and channel subscribers, over the very same connections.
+/// to sessions and channel subscribers, over the very same connections
+/// (after a wipe: over the connections that reconnected).
 async fn check_after_outage(setup: &mut OutageSetup, strict: bool) {
     eventually_within(
         Duration::from_secs(20),
@@ -729,6 +778,7 @@ async fn b_redis_restart_without_persistence_resumes_cross_pod_delivery() {
         "0",
         "the restarted Redis must start empty for this test to mean anything"
     );
+    reconnect_after_wipe(&mut setup).await;
     check_after_outage(&mut setup, false).await;
     // Ownership was re-created too: a lookup from the other pod finds it.
     let lookup = setup.b.http("/v1/sessions/sa");

@@ -17,7 +17,11 @@ fn replay(target: &str, check: fn(&[u8])) {
         let path = entry.expect("corpus entry").path();
         let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let outcome = std::panic::catch_unwind(|| check(&data));
-        assert!(outcome.is_ok(), "{} fails the {target} checks", path.display());
+        assert!(
+            outcome.is_ok(),
+            "{} fails the {target} checks",
+            path.display()
+        );
         files += 1;
     }
     assert!(files >= 10, "only {files} corpus files for {target}");

@@ -308,3 +308,49 @@ async fn metrics_count_what_happened() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_subscribe_ack_with_since_says_whether_history_was_trimmed() {
+    let server = Server::start(&["--retention-messages", "3"]).await;
+    let mut offsets = Vec::new();
+    for n in 0..6 {
+        let (status, body) = server.post_channel("g", json!(n)).await;
+        assert_eq!(status, 202);
+        offsets.push(body["offset"].as_str().unwrap().to_string());
+    }
+    let (mut client, _) = server.session("gapper").await;
+    // Since the first offset: messages 1 and 2 were trimmed (3 retained).
+    let ack = client
+        .request(
+            json!({"type":"subscribe","channel":"g","since": offsets[0]}),
+            1,
+        )
+        .await;
+    assert_eq!(
+        (ack["type"].clone(), ack["gap"].clone()),
+        (json!("ack"), json!(true))
+    );
+    // Since the offset just before the oldest retained: nothing is missing.
+    let (mut other, _) = server.session("complete").await;
+    let ack = other
+        .request(
+            json!({"type":"subscribe","channel":"g","since": offsets[2]}),
+            2,
+        )
+        .await;
+    assert_eq!(ack["gap"], json!(false));
+    let replayed: Vec<_> = [
+        other.recv_json().await,
+        other.recv_json().await,
+        other.recv_json().await,
+    ]
+    .iter()
+    .map(|m| m["data"].clone())
+    .collect();
+    assert_eq!(replayed, vec![json!(3), json!(4), json!(5)]);
+    // Without since, the ack carries no gap field at all.
+    let ack = other
+        .request(json!({"type":"subscribe","channel":"h"}), 3)
+        .await;
+    assert!(ack.get("gap").is_none(), "{ack}");
+}

@@ -15,26 +15,45 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::FutureExt;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use rand::Rng;
 use serde_json::json;
 use serde_json::value::RawValue;
+use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::Instrument;
 
 use super::AppState;
-use super::rate::{TokenBucket, elapsed_ms};
+use super::order::{Arrival, LogId, Order, Step};
+use super::rate::{RateGuard, Verdict, elapsed_ms};
 use crate::auth::Grant;
-use crate::bus::{Claim, ConnId, Delivery, Event, Inbox, Mailbox, Outgoing, mailbox};
+use crate::bus::{ConnId, Delivery, Event, Inbox, Mailbox, Outgoing, mailbox};
 use crate::pod::ConnectionSlot;
 use crate::protocol::close::{self, CloseReason};
 use crate::protocol::{
     ChannelName, ClientFrame, ErrorCode, Offset, Request, SessionId, frame, parse_client_frame,
 };
 use crate::upstream::EventKind;
+
+/// What the connection task reads from and writes to: axum's `WebSocket`
+/// in production, a pair of channels in unit tests (the axum
+/// `testing-websockets` shape), so heartbeats, rate limits, fairness and
+/// hole filling are tested with a paused clock.
+pub trait Socket:
+    Sink<Message, Error = axum::Error> + Stream<Item = Result<Message, axum::Error>> + Unpin + Send
+{
+}
+
+impl<T> Socket for T where
+    T: Sink<Message, Error = axum::Error>
+        + Stream<Item = Result<Message, axum::Error>>
+        + Unpin
+        + Send
+{
+}
 
 /// Everything one connection knows about itself. Sized with care: there is
 /// one of these per connection.
@@ -49,18 +68,14 @@ pub struct Connection {
     _slot: ConnectionSlot,
     /// When the upgrade request arrived; also the rate limiter's epoch.
     started: Instant,
-    /// Set once the session is claimed; released when the task ends.
-    claim: Option<Claim>,
-    /// Offset of the newest direct message written to the socket.
-    session_cursor: Option<Offset>,
-    subscriptions: Vec<Subscription>,
-    bucket: TokenBucket,
-}
-
-struct Subscription {
-    channel: ChannelName,
-    /// Offset of the newest message of this channel written to the socket.
-    cursor: Option<Offset>,
+    /// The same moment on the wall clock, which token expiries are in.
+    started_ms: u64,
+    /// The claim and what has been written of each log (pure, see `order`).
+    order: Order,
+    rate: RateGuard,
+    /// When the token expires (auth mode `jwt`): the connection closes with
+    /// 1008 then, unless a `refresh` moves it.
+    expires: Option<Instant>,
 }
 
 /// How a connection ends.
@@ -108,9 +123,14 @@ impl Connection {
         last: Option<Offset>,
         grant: Grant,
         slot: ConnectionSlot,
-        started: Instant,
+        started: std::time::Instant,
     ) -> Self {
-        let bucket = TokenBucket::new(state.config.rate_limit_per_sec);
+        let rate = RateGuard::new(state.config.rate_limit_per_sec);
+        let started = Instant::from_std(started);
+        let started_ms = crate::bus::now_ms();
+        let expires = grant
+            .expires_at
+            .map(|exp| deadline_of(exp, started, started_ms));
         Self {
             state,
             id,
@@ -119,17 +139,24 @@ impl Connection {
             grant,
             _slot: slot,
             started,
-            claim: None,
-            session_cursor: None,
-            subscriptions: Vec::new(),
-            bucket,
+            started_ms,
+            order: Order::new(last),
+            rate,
+            expires,
         }
     }
 }
 
+/// The monotonic moment of a token's `exp` (Unix seconds), measured from
+/// the connection's start on both clocks, so a wall-clock jump after the
+/// connect neither shortens nor stretches the token's life.
+fn deadline_of(exp_s: u64, started: Instant, started_ms: u64) -> Instant {
+    started + Duration::from_millis(exp_s.saturating_mul(1000).saturating_sub(started_ms))
+}
+
 /// The connection task: runs the connection, contains any panic, cleans up.
 /// `_tracked` keeps the pod's task tracker waiting for this connection.
-pub async fn serve(mut socket: WebSocket, mut conn: Connection, _tracked: TaskTrackerToken) {
+pub async fn serve<S: Socket>(mut socket: S, mut conn: Connection, _tracked: TaskTrackerToken) {
     let state = conn.state.clone();
     state.metrics.connections_opened.inc();
     let (mailbox, mut inbox) = mailbox(conn.id, state.config.outbound_queue);
@@ -165,7 +192,12 @@ pub async fn serve(mut socket: WebSocket, mut conn: Connection, _tracked: TaskTr
 }
 
 impl Connection {
-    async fn run(&mut self, socket: &mut WebSocket, mailbox: &Mailbox, inbox: &mut Inbox) -> End {
+    async fn run<S: Socket>(
+        &mut self,
+        socket: &mut S,
+        mailbox: &Mailbox,
+        inbox: &mut Inbox,
+    ) -> End {
         // The opening is boxed: its locals (the replay) need not live in the
         // connection's future for the rest of its life.
         if let Err(end) = Box::pin(self.open(socket, mailbox)).await {
@@ -175,11 +207,11 @@ impl Connection {
     }
 
     /// Claims the session, sends the welcome and replays the log after `last`.
-    async fn open(&mut self, socket: &mut WebSocket, mailbox: &Mailbox) -> Result<(), End> {
+    async fn open<S: Socket>(&mut self, socket: &mut S, mailbox: &Mailbox) -> Result<(), End> {
         let bus = self.state.bus.clone();
         // Claim first, so that everything accepted from now on is routed here...
         match bus.claim(&self.session, mailbox).await {
-            Ok(claim) => self.claim = Some(claim),
+            Ok(claim) => self.order.set_claim(claim),
             Err(e) => {
                 tracing::warn!(session = %self.session, error = %e, "cannot claim session");
                 return Err(End::close(close::TRY_LATER, "bus unavailable, try later"));
@@ -193,7 +225,6 @@ impl Connection {
                 return Err(End::close(close::TRY_LATER, "bus unavailable, try later"));
             }
         };
-        self.session_cursor = self.last;
         let cfg = &self.state.config;
         let welcome = frame::welcome(
             &self.session,
@@ -210,6 +241,13 @@ impl Connection {
             .metrics
             .handshake_duration
             .observe(self.started.elapsed().as_secs_f64());
+        if replay.gap {
+            self.state
+                .metrics
+                .replay_gaps
+                .with_label_values(&["session"])
+                .inc();
+        }
         tracing::debug!(
             resumed = self.last.is_some(),
             gap = replay.gap,
@@ -224,12 +262,29 @@ impl Connection {
         Ok(())
     }
 
-    async fn live(&mut self, socket: &mut WebSocket, mailbox: &Mailbox, inbox: &mut Inbox) -> End {
+    /// The earliest moment the timer must wake: heartbeat, drain or expiry.
+    fn next_wake(&self, heartbeat: Instant, drain_at: Option<Instant>) -> Instant {
+        [Some(heartbeat), drain_at, self.expires]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(heartbeat)
+    }
+
+    /// The live loop. Not `biased`: every ready branch gets its turn, so a
+    /// flood of deliveries cannot starve the client's frames, heartbeats,
+    /// the token's expiry or the drain deadline (and vice versa).
+    async fn live<S: Socket>(
+        &mut self,
+        socket: &mut S,
+        mailbox: &Mailbox,
+        inbox: &mut Inbox,
+    ) -> End {
         let heartbeat = Duration::from_secs(self.state.config.heartbeat_s);
         let mut next_heartbeat = Instant::now() + heartbeat;
         let mut drain_at: Option<Instant> = None;
         let mut awaiting_pong = false;
-        let timer = tokio::time::sleep_until(next_heartbeat.into());
+        let timer = tokio::time::sleep_until(self.next_wake(next_heartbeat, drain_at));
         tokio::pin!(timer);
         let drain = self.state.drain.clone();
         let drained = drain.cancelled();
@@ -237,7 +292,6 @@ impl Connection {
 
         loop {
             tokio::select! {
-                biased;
                 event = inbox.next() => match event {
                     Event::Close(reason) => return End::from_reason(reason),
                     Event::Deliver(delivery) => {
@@ -248,15 +302,19 @@ impl Connection {
                         }
                     }
                 },
-                incoming = socket.recv() => {
+                incoming = socket.next() => {
                     awaiting_pong = false;
                     let message = match incoming {
                         None => return End::Gone { code: None },
                         Some(Ok(m)) => m,
                         Some(Err(e)) => return read_error(e),
                     };
+                    let expires = self.expires;
                     if let Err(end) = Box::pin(self.on_message(socket, mailbox, message)).await {
                         return end;
+                    }
+                    if self.expires != expires {
+                        timer.as_mut().reset(self.next_wake(next_heartbeat, drain_at));
                     }
                 }
                 _ = &mut drained, if drain_at.is_none() => {
@@ -264,12 +322,16 @@ impl Connection {
                     // a draining pod sheds its connections evenly.
                     let window = Duration::from_secs(self.state.config.drain_s);
                     let delay = window.mul_f64(rand::rng().random::<f64>());
-                    let at = Instant::now() + delay;
-                    drain_at = Some(at);
-                    timer.as_mut().reset(at.min(next_heartbeat).into());
+                    drain_at = Some(Instant::now() + delay);
+                    timer.as_mut().reset(self.next_wake(next_heartbeat, drain_at));
                 }
                 _ = &mut timer => {
                     let now = Instant::now();
+                    if self.expires.is_some_and(|at| at <= now) {
+                        self.state.metrics.token_expiries.inc();
+                        tracing::debug!("token expired without refresh");
+                        return End::close(close::POLICY, "token expired");
+                    }
                     if drain_at.is_some_and(|at| at <= now) {
                         let jitter = self.state.config.reconnect_jitter_ms;
                         let after_ms = rand::rng().random_range(0..=jitter);
@@ -287,24 +349,56 @@ impl Connection {
                             return End::Gone { code: None };
                         }
                     }
-                    let next = drain_at.map_or(next_heartbeat, |at| at.min(next_heartbeat));
-                    timer.as_mut().reset(next.into());
+                    timer.as_mut().reset(self.next_wake(next_heartbeat, drain_at));
                 }
             }
         }
     }
 
-    /// Handles one frame from the client. `Err` ends the connection.
-    async fn on_message(
+    /// One frame from the client. Every frame takes a rate-limit token first,
+    /// whatever it is, so no kind of frame is a free way to load the pod.
+    async fn on_message<S: Socket>(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut S,
         mailbox: &Mailbox,
         message: Message,
     ) -> Result<(), End> {
+        if let Message::Close(frame) = message {
+            return Err(End::Gone {
+                code: Some(frame.map_or(close::NORMAL, |f| f.code)),
+            });
+        }
         let metrics = &self.state.metrics;
         let gone = |_| End::Gone { code: None };
+        match self.rate.check(elapsed_ms(self.started)) {
+            Verdict::Allow => {}
+            Verdict::Drop => {
+                metrics.frames_rate_limited.inc();
+                return Ok(());
+            }
+            Verdict::Refuse => {
+                metrics.frames_rate_limited.inc();
+                let message = format!(
+                    "over {} frames per second; frames dropped (at most one such error per second)",
+                    self.state.config.rate_limit_per_sec
+                );
+                let reply = frame::error(None, ErrorCode::RateLimited, &message);
+                return self
+                    .write(socket, "error", reply.into())
+                    .await
+                    .map_err(gone);
+            }
+            Verdict::Close => {
+                metrics.frames_rate_limited.inc();
+                tracing::debug!("closing a connection that keeps exceeding its rate limit");
+                return Err(End::close(
+                    close::POLICY,
+                    "rate limit exceeded for too long",
+                ));
+            }
+        }
         match message {
-            Message::Text(text) => match parse_client_frame(&text) {
+            Message::Text(text) => match parse_client_frame(text.as_str()) {
                 Err(rejection) => {
                     metrics.frames_in.with_label_values(&["invalid"]).inc();
                     let reply =
@@ -318,18 +412,6 @@ impl Connection {
                         .frames_in
                         .with_label_values(&[request.frame.kind()])
                         .inc();
-                    if !self.bucket.take(elapsed_ms(self.started)) {
-                        let message = format!(
-                            "over {} frames per second; frame dropped",
-                            self.state.config.rate_limit_per_sec
-                        );
-                        let reply =
-                            frame::error(request.id.as_deref(), ErrorCode::RateLimited, &message);
-                        return self
-                            .write(socket, "error", reply.into())
-                            .await
-                            .map_err(gone);
-                    }
                     self.handle(socket, mailbox, request).await
                 }
             },
@@ -344,16 +426,13 @@ impl Connection {
                     .await
                     .map_err(gone)
             }
-            Message::Ping(_) | Message::Pong(_) => Ok(()),
-            Message::Close(frame) => Err(End::Gone {
-                code: Some(frame.map_or(close::NORMAL, |f| f.code)),
-            }),
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) => Ok(()),
         }
     }
 
-    async fn handle(
+    async fn handle<S: Socket>(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut S,
         mailbox: &Mailbox,
         request: Request,
     ) -> Result<(), End> {
@@ -373,8 +452,7 @@ impl Connection {
                 return self.subscribe(socket, mailbox, id, channel, since).await;
             }
             ClientFrame::Unsubscribe { channel } => {
-                if let Some(i) = self.subscriptions.iter().position(|s| s.channel == channel) {
-                    self.subscriptions.swap_remove(i);
+                if self.order.unsubscribe(&channel) {
                     bus.unsubscribe(&channel, self.id).await;
                 }
                 Ok(None)
@@ -417,6 +495,9 @@ impl Connection {
                 Ok(()) => Ok(None),
                 Err(e) => Err((ErrorCode::Unavailable, e.to_string())),
             },
+            ClientFrame::Refresh { token } => {
+                return Box::pin(self.refresh(socket, id, &token)).await;
+            }
             ClientFrame::Panic => {
                 if self.state.config.fault_injection {
                     panic!("fault injection: the client asked this connection's task to panic");
@@ -444,10 +525,96 @@ impl Connection {
         }
     }
 
-    /// Claim, then replay, then live, for one channel.
-    async fn subscribe(
+    /// `refresh`: a new token for the same session moves the expiry and
+    /// replaces the channel grant; subscriptions it no longer allows are
+    /// dropped, each with an `error` frame naming its channel.
+    async fn refresh<S: Socket>(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut S,
+        id: Option<&RawValue>,
+        token: &str,
+    ) -> Result<(), End> {
+        let gone = |_| End::Gone { code: None };
+        let metrics = self.state.metrics.clone();
+        let refused = |code, message: String, result: &str| {
+            metrics.token_refreshes.with_label_values(&[result]).inc();
+            frame::error(id, code, &message)
+        };
+        if !self.state.auth.requires_token() {
+            let reply = refused(
+                ErrorCode::BadRequest,
+                "this pod runs with --auth none: there is no token to refresh".into(),
+                "bad_request",
+            );
+            return self
+                .write(socket, "error", reply.into())
+                .await
+                .map_err(gone);
+        }
+        let grant = match self.state.auth.authenticate(Some(token)) {
+            Ok(grant) => grant,
+            Err(e) => {
+                // The old token still holds until its own expiry.
+                let reply = refused(ErrorCode::Unauthorized, e.to_string(), "unauthorized");
+                return self
+                    .write(socket, "error", reply.into())
+                    .await
+                    .map_err(gone);
+            }
+        };
+        if grant.session.as_ref() != Some(&self.session) {
+            let reply = refused(
+                ErrorCode::Forbidden,
+                format!(
+                    "the new token is for another session; this connection is session {}",
+                    self.session
+                ),
+                "forbidden",
+            );
+            return self
+                .write(socket, "error", reply.into())
+                .await
+                .map_err(gone);
+        }
+        metrics.token_refreshes.with_label_values(&["ok"]).inc();
+        self.expires = grant
+            .expires_at
+            .map(|exp| deadline_of(exp, self.started, self.started_ms));
+        self.grant = grant;
+        let disallowed: Vec<ChannelName> = self
+            .order
+            .channels()
+            .filter(|c| !self.grant.may_use(c))
+            .cloned()
+            .collect();
+        if let Some(id) = id {
+            self.write(socket, "ack", frame::ack(id, None).into())
+                .await
+                .map_err(gone)?;
+        }
+        let bus = self.state.bus.clone();
+        for channel in disallowed {
+            self.order.unsubscribe(&channel);
+            bus.unsubscribe(&channel, self.id).await;
+            let reply = frame::channel_error(
+                &channel,
+                ErrorCode::Forbidden,
+                &format!(
+                    "subscription to {channel} dropped: the refreshed token does not allow it"
+                ),
+            );
+            self.write(socket, "error", reply.into())
+                .await
+                .map_err(gone)?;
+        }
+        tracing::debug!("token refreshed");
+        Ok(())
+    }
+
+    /// Claim, then replay, then live, for one channel.
+    async fn subscribe<S: Socket>(
+        &mut self,
+        socket: &mut S,
         mailbox: &Mailbox,
         id: Option<&RawValue>,
         channel: ChannelName,
@@ -465,8 +632,8 @@ impl Connection {
                 .await
                 .map_err(gone);
         }
-        let already = self.subscriptions.iter().position(|s| s.channel == channel);
-        if already.is_none() && self.subscriptions.len() >= self.state.config.max_subscriptions {
+        let already = self.order.is_subscribed(&channel);
+        if !already && self.order.subscription_count() >= self.state.config.max_subscriptions {
             let limit = self.state.config.max_subscriptions;
             let reply = refuse(
                 ErrorCode::TooLarge,
@@ -488,30 +655,13 @@ impl Connection {
                     .map_err(gone);
             }
         };
-        let index = match already {
-            Some(i) => {
-                // A repeated subscribe with `since` asks for the replay again.
-                if since.is_some() {
-                    self.subscriptions[i].cursor = since;
-                }
-                i
-            }
-            None => {
-                self.subscriptions.push(Subscription {
-                    channel: channel.clone(),
-                    cursor: since.or(head),
-                });
-                self.subscriptions.len() - 1
-            }
-        };
-        if let Some(id) = id {
-            self.write(socket, "ack", frame::ack(id, None).into())
-                .await
-                .map_err(gone)?;
-        }
-        if since.is_some() {
-            let replay = match bus.channel_log(&channel, since).await {
-                Ok(r) => r,
+        self.order.subscribe(&channel, since, head);
+        // With `since`, read the replay before the ack: the ack says whether
+        // it is complete (`gap`), then the replay follows it.
+        let replay = match since {
+            None => None,
+            Some(_) => match bus.channel_log(&channel, since).await {
+                Ok(r) => Some(r),
                 Err(e) => {
                     let reply = refuse(e.code(), e.to_string());
                     return self
@@ -519,56 +669,69 @@ impl Connection {
                         .await
                         .map_err(gone);
                 }
-            };
+            },
+        };
+        if let Some(id) = id {
+            let gap = replay.as_ref().map(|r| r.gap);
+            self.write(socket, "ack", frame::subscribe_ack(id, gap).into())
+                .await
+                .map_err(gone)?;
+        }
+        if let Some(replay) = replay {
+            if replay.gap {
+                self.state
+                    .metrics
+                    .replay_gaps
+                    .with_label_values(&["channel"])
+                    .inc();
+            }
+            let log = LogId::Channel(&channel);
             for delivery in &replay.entries {
-                self.write_delivery(socket, delivery, false)
-                    .await
-                    .map_err(gone)?;
-                self.subscriptions[index].cursor = Some(delivery.offset);
+                if self.order.wants(log, delivery.offset) {
+                    self.write_delivery(socket, delivery, false)
+                        .await
+                        .map_err(gone)?;
+                    self.order.advance(log, delivery.offset);
+                }
             }
         }
         Ok(())
     }
 
     /// Writes a delivery unless it was already written; fills holes from the log.
-    async fn deliver(
+    async fn deliver<S: Socket>(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut S,
         delivery: &Arc<Delivery>,
         live: bool,
     ) -> Result<(), Gone> {
-        let index = match &delivery.channel {
-            None => None,
-            Some(channel) => match self
-                .subscriptions
-                .iter()
-                .position(|s| s.channel == *channel)
-            {
-                Some(i) => Some(i),
-                // Unsubscribed since it was routed.
-                None => return Ok(()),
-            },
+        let log = match &delivery.channel {
+            None => LogId::Session,
+            Some(channel) => LogId::Channel(channel),
         };
-        let cursor = match index {
-            None => self.session_cursor,
-            Some(i) => self.subscriptions[i].cursor,
+        let step = self.order.step(Arrival {
+            log,
+            offset: delivery.offset,
+            prev: delivery.prev,
+            live,
+            resync: delivery.resync,
+        });
+        let after = match step {
+            Step::NotSubscribed | Step::Duplicate => return Ok(()),
+            Step::Write => {
+                self.write_delivery(socket, delivery, live).await?;
+                self.order.advance(log, delivery.offset);
+                return Ok(());
+            }
+            Step::Fill { after } => after,
         };
-        if !delivery.resync && cursor.is_some_and(|c| delivery.offset <= c) {
-            return Ok(()); // already written (replay and live overlap)
-        }
-        let missing_before = delivery.resync
-            || (live && delivery.prev.is_some_and(|p| cursor.is_none_or(|c| p > c)));
-        if !missing_before {
-            self.write_delivery(socket, delivery, live).await?;
-            self.advance(index, delivery.offset);
-            return Ok(());
-        }
         // Something between the cursor and this delivery has not reached us
         // (late or lost on the way): the log has all of it, in order.
+        self.state.metrics.holes_filled.inc();
         let bus = self.state.bus.clone();
-        let replay = match (&delivery.channel, index) {
-            (Some(channel), Some(_)) => bus.channel_log(channel, cursor).await,
-            _ => bus.session_log(&self.session, cursor).await,
+        let replay = match &delivery.channel {
+            Some(channel) => bus.channel_log(channel, after).await,
+            None => bus.session_log(&self.session, after).await,
         };
         let entries = match replay {
             Ok(r) => r.entries,
@@ -581,26 +744,18 @@ impl Connection {
                 vec![delivery.clone()]
             }
         };
-        for entry in entries
-            .iter()
-            .filter(|e| cursor.is_none_or(|c| e.offset > c))
-        {
-            self.write_delivery(socket, entry, live).await?;
-            self.advance(index, entry.offset);
+        for entry in &entries {
+            if self.order.wants(log, entry.offset) {
+                self.write_delivery(socket, entry, live).await?;
+                self.order.advance(log, entry.offset);
+            }
         }
         Ok(())
     }
 
-    fn advance(&mut self, index: Option<usize>, offset: Offset) {
-        match index {
-            None => self.session_cursor = Some(offset),
-            Some(i) => self.subscriptions[i].cursor = Some(offset),
-        }
-    }
-
-    async fn write_delivery(
+    async fn write_delivery<S: Socket>(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut S,
         delivery: &Delivery,
         live: bool,
     ) -> Result<(), Gone> {
@@ -623,9 +778,9 @@ impl Connection {
         Ok(())
     }
 
-    async fn write(
+    async fn write<S: Socket>(
         &self,
-        socket: &mut WebSocket,
+        socket: &mut S,
         kind: &'static str,
         text: Utf8Bytes,
     ) -> Result<(), Gone> {
@@ -634,9 +789,9 @@ impl Connection {
 
     /// Writes one frame, giving up on a client that does not read for a
     /// whole heartbeat period (its socket buffer stays full).
-    async fn write_message(
+    async fn write_message<S: Socket>(
         &self,
-        socket: &mut WebSocket,
+        socket: &mut S,
         kind: &'static str,
         message: Message,
     ) -> Result<(), Gone> {
@@ -665,7 +820,7 @@ impl Connection {
 
     /// Sends the close (if it is ours to send), releases the session and
     /// subscriptions, and records how the connection ended.
-    async fn finish(&mut self, socket: &mut WebSocket, end: End) {
+    async fn finish<S: Socket>(&mut self, socket: &mut S, end: End) {
         let code = match end {
             End::Close {
                 code,
@@ -691,10 +846,10 @@ impl Connection {
             .with_label_values(&[&label])
             .inc();
         let bus = self.state.bus.clone();
-        for sub in self.subscriptions.drain(..) {
-            bus.unsubscribe(&sub.channel, self.id).await;
+        for channel in self.order.drain_channels() {
+            bus.unsubscribe(&channel, self.id).await;
         }
-        if let Some(claim) = self.claim.take() {
+        if let Some(claim) = self.order.take_claim() {
             bus.release(&self.session, claim).await;
         }
         if self.state.upstream.is_configured() {
@@ -716,5 +871,528 @@ fn read_error(error: axum::Error) -> End {
         End::close(close::TOO_LARGE, "frame too large")
     } else {
         End::Gone { code: None }
+    }
+}
+
+/// The socket loop driven through channels with a paused clock: what the
+/// loop does with time (heartbeats, expiry), with floods (rate limits,
+/// fairness) and with lost deliveries (hole filling), without a network.
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicU64;
+    use std::task::{Context, Poll};
+
+    use async_trait::async_trait;
+    use serde_json::Value;
+    use tokio::sync::mpsc;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::auth::Authenticator;
+    use crate::bus::memory::MemoryBus;
+    use crate::bus::{Bus, Claim, Replay, Retention, SessionInfo};
+    use crate::config::ServeConfig;
+    use crate::pod::{LocalPod, PodStatus};
+    use crate::telemetry::Metrics;
+    use crate::upstream::Upstream;
+
+    /// The server's end of a WebSocket made of two channels.
+    struct ChannelSocket {
+        from_client: mpsc::UnboundedReceiver<Message>,
+        to_client: mpsc::UnboundedSender<Message>,
+    }
+
+    impl Stream for ChannelSocket {
+        type Item = Result<Message, axum::Error>;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.from_client.poll_recv(cx).map(|m| m.map(Ok))
+        }
+    }
+
+    impl Sink<Message> for ChannelSocket {
+        type Error = axum::Error;
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+            self.to_client
+                .send(item)
+                .map_err(|_| axum::Error::new("client end dropped"))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The client's end.
+    struct Peer {
+        tx: mpsc::UnboundedSender<Message>,
+        rx: mpsc::UnboundedReceiver<Message>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Peer {
+        fn send(&self, frame: Value) {
+            self.tx
+                .send(Message::Text(frame.to_string().into()))
+                .unwrap();
+        }
+
+        /// The next frame the server writes; `None` once the task ended.
+        async fn next(&mut self) -> Option<Message> {
+            self.rx.recv().await
+        }
+
+        /// The next text frame; WebSocket pings in between are not answered.
+        async fn json(&mut self) -> Value {
+            loop {
+                match self.next().await {
+                    Some(Message::Text(t)) => return serde_json::from_str(t.as_str()).unwrap(),
+                    Some(Message::Ping(_)) => continue,
+                    other => panic!("expected a text frame, got {other:?}"),
+                }
+            }
+        }
+
+        /// Reads until the close frame and returns its code.
+        async fn close_code(&mut self) -> Option<u16> {
+            loop {
+                match self.next().await {
+                    Some(Message::Close(f)) => return f.map(|f| f.code),
+                    Some(_) => continue,
+                    None => return None,
+                }
+            }
+        }
+    }
+
+    fn state_with(
+        flags: &[&str],
+        bus: impl FnOnce(Arc<LocalPod>, Arc<Metrics>) -> Arc<dyn Bus>,
+    ) -> Arc<AppState> {
+        let config = ServeConfig::from_args(flags.iter().copied()).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let pod = Arc::new(LocalPod::new("pod-t".into(), 100));
+        let bus = bus(pod.clone(), metrics.clone());
+        let tracker = TaskTracker::new();
+        let upstream = Upstream::new(
+            &pod.name,
+            bus.clone(),
+            false,
+            None,
+            metrics.clone(),
+            &tracker,
+        );
+        Arc::new(AppState {
+            auth: Authenticator::from_config(&config).unwrap(),
+            config,
+            pod,
+            bus,
+            metrics,
+            upstream,
+            tracker,
+            drain: CancellationToken::new(),
+            next_conn_id: AtomicU64::new(1),
+        })
+    }
+
+    fn memory_state(flags: &[&str]) -> Arc<AppState> {
+        state_with(flags, |pod, metrics| {
+            Arc::new(MemoryBus::new(pod, retention(), metrics))
+        })
+    }
+
+    fn retention() -> Retention {
+        Retention {
+            max_messages: 1000,
+            max_age_ms: 300_000,
+        }
+    }
+
+    fn session(s: &str) -> SessionId {
+        SessionId::parse(s).unwrap()
+    }
+
+    /// Opens a connection for `session` and reads its welcome.
+    async fn connect(state: &Arc<AppState>, sid: &str, grant: Grant) -> Peer {
+        let (tx, from_client) = mpsc::unbounded_channel();
+        let (to_client, rx) = mpsc::unbounded_channel();
+        let socket = ChannelSocket {
+            from_client,
+            to_client,
+        };
+        let slot = state.pod.reserve().unwrap();
+        let conn = Connection::new(
+            state.clone(),
+            state
+                .next_conn_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            session(sid),
+            None,
+            grant,
+            slot,
+            std::time::Instant::now(),
+        );
+        let task = tokio::spawn(serve(socket, conn, state.tracker.token()));
+        let mut peer = Peer { tx, rx, task };
+        let welcome = peer.json().await;
+        assert_eq!(welcome["type"], "welcome");
+        peer
+    }
+
+    async fn send(state: &AppState, sid: &str, n: u64) -> Offset {
+        let data = RawValue::from_string(n.to_string()).unwrap();
+        let msg = Outgoing {
+            data: &data,
+            from: None,
+            idempotency_key: None,
+        };
+        state.bus.send_to_session(&session(sid), msg).await.unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_pinged_then_dropped_after_one_more_heartbeat() {
+        let state = memory_state(&["--heartbeat-s", "10"]);
+        let mut peer = connect(&state, "s1", Grant::anonymous()).await;
+        let started = Instant::now();
+        assert!(matches!(peer.next().await, Some(Message::Ping(_))));
+        assert!(started.elapsed() >= Duration::from_secs(10));
+        // No pong: the connection ends one heartbeat later, without a close
+        // frame (the client is presumed gone).
+        assert_eq!(peer.next().await, None);
+        assert!(started.elapsed() >= Duration::from_secs(20));
+        assert!(started.elapsed() < Duration::from_secs(21));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_answers_pings_stays() {
+        let state = memory_state(&["--heartbeat-s", "10"]);
+        let mut peer = connect(&state, "s1", Grant::anonymous()).await;
+        for _ in 0..10 {
+            assert!(matches!(peer.next().await, Some(Message::Ping(_))));
+            peer.tx.send(Message::Pong(Default::default())).unwrap();
+        }
+        peer.send(json!({"type":"ping","id":1}));
+        assert_eq!(peer.json().await["type"], "pong");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_frame_kind_counts_against_the_rate_and_errors_are_bounded() {
+        let state = memory_state(&["--rate-limit-per-sec", "10"]);
+        let mut peer = connect(&state, "s1", Grant::anonymous()).await;
+        // 40 frames at one instant, of every kind a client can send.
+        for i in 0..10 {
+            peer.tx.send(Message::Binary(vec![1, 2, 3].into())).unwrap();
+            peer.tx.send(Message::Text("not json".into())).unwrap();
+            peer.send(json!({"type":"teleport","id":i}));
+            peer.send(json!({"type":"ping","id":i}));
+        }
+        peer.send(json!({"type":"ping","id":"last"}));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut replies = Vec::new();
+        while let Ok(m) = peer.rx.try_recv() {
+            if let Message::Text(t) = m {
+                replies.push(serde_json::from_str::<Value>(t.as_str()).unwrap());
+            }
+        }
+        let limited = replies
+            .iter()
+            .filter(|r| r["code"] == "rate_limited")
+            .count();
+        assert_eq!(
+            limited, 1,
+            "one rate_limited error for the whole burst: {replies:?}"
+        );
+        assert_eq!(
+            replies.len(),
+            11,
+            "10 frames within the rate, one error: {replies:?}"
+        );
+        assert!(
+            replies.iter().all(|r| r["id"] != "last"),
+            "the frame over the rate was dropped"
+        );
+        assert_eq!(state.metrics.frames_rate_limited.get(), 31);
+        // Within the rate again a second later.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        peer.send(json!({"type":"ping","id":2}));
+        assert_eq!(peer.json().await["type"], "pong");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_keeps_flooding_is_closed_1008() {
+        let state = memory_state(&["--rate-limit-per-sec", "10"]);
+        let mut peer = connect(&state, "s1", Grant::anonymous()).await;
+        for _ in 0..(super::super::rate::STRIKES_TO_CLOSE as u32 + 1) {
+            for _ in 0..50 {
+                peer.tx.send(Message::Binary(vec![0].into())).unwrap();
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert_eq!(peer.close_code().await, Some(close::POLICY));
+    }
+
+    /// With a `biased` select that polls the mailbox first, a ping sent
+    /// behind thousands of queued deliveries is answered only after all of
+    /// them; a fair loop answers it almost at once.
+    #[tokio::test(start_paused = true)]
+    async fn pings_are_answered_during_a_delivery_flood() {
+        const QUEUED: u64 = 5000;
+        let state = memory_state(&["--outbound-queue", "10000"]);
+        let mut peer = connect(&state, "s1", Grant::anonymous()).await;
+        // Queue the flood without letting the connection task run.
+        for n in 0..QUEUED {
+            send(&state, "s1", n).await;
+        }
+        peer.send(json!({"type":"ping","id":"p"}));
+        let mut before_pong = 0;
+        loop {
+            let frame = peer.json().await;
+            if frame["type"] == "pong" {
+                break;
+            }
+            assert_eq!(frame["type"], "message");
+            before_pong += 1;
+        }
+        assert!(
+            before_pong < QUEUED / 10,
+            "the ping waited behind {before_pong} of {QUEUED} deliveries"
+        );
+        // And nothing of the flood is lost or reordered.
+        let mut expected = before_pong;
+        while expected < QUEUED {
+            let frame = peer.json().await;
+            assert_eq!(frame["data"], json!(expected));
+            expected += 1;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_token_expiry_closes_1008_and_a_refresh_moves_it() {
+        let secret = "unit-secret";
+        let state = memory_state(&[
+            "--auth",
+            "jwt",
+            "--jwt-hs256-secret",
+            secret,
+            "--heartbeat-s",
+            "1000",
+        ]);
+        let now_s = crate::bus::now_ms() / 1000;
+        let token = |sid: &str, exp: u64, channels: &[&str]| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+                &json!({"sid": sid, "exp": exp, "channels": channels}),
+                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .unwrap()
+        };
+        let grant = state
+            .auth
+            .authenticate(Some(&token("s1", now_s + 60, &["a.*"])))
+            .unwrap();
+        let mut peer = connect(&state, "s1", grant).await;
+        peer.send(json!({"type":"subscribe","id":1,"channel":"a.x"}));
+        assert_eq!(peer.json().await["type"], "ack");
+
+        // Another session's token is refused; the connection stays.
+        peer.send(json!({"type":"refresh","id":2,"token": token("s2", now_s + 3600, &["a.*"])}));
+        let reply = peer.json().await;
+        assert_eq!(
+            (reply["id"].clone(), reply["code"].clone()),
+            (json!(2), json!("forbidden"))
+        );
+        // A garbage token: unauthorized, connection stays.
+        peer.send(json!({"type":"refresh","id":3,"token":"garbage"}));
+        assert_eq!(peer.json().await["code"], "unauthorized");
+
+        // Same session, later exp, fewer channels: ack, then the dropped
+        // subscription is named.
+        tokio::time::sleep(Duration::from_secs(50)).await;
+        peer.send(json!({"type":"refresh","id":4,"token": token("s1", now_s + 120, &["b.*"])}));
+        let ack = peer.json().await;
+        assert_eq!(
+            (ack["type"].clone(), ack["id"].clone()),
+            (json!("ack"), json!(4))
+        );
+        let dropped = peer.json().await;
+        assert_eq!(dropped["type"], "error");
+        assert_eq!(dropped["code"], "forbidden");
+        assert_eq!(dropped["channel"], "a.x");
+
+        // Past the first exp, alive; at the second, closed 1008.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        peer.send(json!({"type":"ping","id":5}));
+        assert_eq!(peer.json().await["type"], "pong");
+        let before = Instant::now();
+        assert_eq!(peer.close_code().await, Some(close::POLICY));
+        let waited = before.elapsed();
+        assert!(
+            waited >= Duration::from_secs(35) && waited <= Duration::from_secs(42),
+            "closed {waited:?} after the check, expected about 40 s"
+        );
+        assert_eq!(state.metrics.token_expiries.get(), 1);
+        peer.task.await.unwrap();
+    }
+
+    /// A hop that loses chosen live deliveries on their way to the
+    /// connection, around the real in-memory bus: what a failed inbox XADD
+    /// does in cluster mode.
+    struct LossyHop {
+        inner: Arc<MemoryBus>,
+        /// Routed deliveries to drop, by their data (the message number).
+        lose: Mutex<Vec<String>>,
+        /// The connection's real mailbox, to send resync notices to.
+        target: Mutex<Option<Mailbox>>,
+    }
+
+    #[async_trait]
+    impl Bus for LossyHop {
+        async fn claim(&self, s: &SessionId, mailbox: &Mailbox) -> crate::bus::Result<Claim> {
+            *self.target.lock().unwrap() = Some(mailbox.clone());
+            // The inner bus routes to a relay that forwards all but the lost.
+            let (relay, mut relay_inbox) = mailbox_pair(mailbox.id);
+            let target = mailbox.clone();
+            let lose = self.lose.lock().unwrap().clone();
+            tokio::spawn(async move {
+                while let Event::Deliver(d) = relay_inbox.next().await {
+                    let text = d.frame.as_str();
+                    if !lose
+                        .iter()
+                        .any(|l| text.contains(&format!("\"data\":{l}}}")))
+                    {
+                        target.offer(&d);
+                    }
+                }
+            });
+            let claim = self.inner.claim(s, &relay).await;
+            std::mem::forget(relay);
+            claim
+        }
+        async fn release(&self, s: &SessionId, c: Claim) {
+            self.inner.release(s, c).await
+        }
+        async fn send_to_session(
+            &self,
+            s: &SessionId,
+            m: Outgoing<'_>,
+        ) -> crate::bus::Result<Offset> {
+            self.inner.send_to_session(s, m).await
+        }
+        async fn publish(&self, c: &ChannelName, m: Outgoing<'_>) -> crate::bus::Result<Offset> {
+            self.inner.publish(c, m).await
+        }
+        async fn session_log(
+            &self,
+            s: &SessionId,
+            a: Option<Offset>,
+        ) -> crate::bus::Result<Replay> {
+            self.inner.session_log(s, a).await
+        }
+        async fn channel_log(
+            &self,
+            c: &ChannelName,
+            a: Option<Offset>,
+        ) -> crate::bus::Result<Replay> {
+            self.inner.channel_log(c, a).await
+        }
+        async fn subscribe(
+            &self,
+            c: &ChannelName,
+            m: &Mailbox,
+        ) -> crate::bus::Result<Option<Offset>> {
+            self.inner.subscribe(c, m).await
+        }
+        async fn unsubscribe(&self, c: &ChannelName, id: ConnId) {
+            self.inner.unsubscribe(c, id).await
+        }
+        async fn session_info(&self, s: &SessionId) -> crate::bus::Result<Option<SessionInfo>> {
+            self.inner.session_info(s).await
+        }
+        async fn disconnect(&self, s: &SessionId) -> crate::bus::Result<bool> {
+            self.inner.disconnect(s).await
+        }
+        async fn fleet(&self) -> crate::bus::Result<Vec<PodStatus>> {
+            self.inner.fleet().await
+        }
+        async fn append_upstream(&self, e: &str) -> crate::bus::Result<bool> {
+            self.inner.append_upstream(e).await
+        }
+        async fn check(&self) -> crate::bus::Result<()> {
+            self.inner.check().await
+        }
+        fn close_local_connections(&self, reason: CloseReason) -> usize {
+            self.inner.close_local_connections(reason)
+        }
+    }
+
+    fn mailbox_pair(id: ConnId) -> (Mailbox, Inbox) {
+        mailbox(id, 10_000)
+    }
+
+    fn lossy_state(lose: &[u64]) -> (Arc<AppState>, Arc<LossyHop>) {
+        let hop: Arc<Mutex<Option<Arc<LossyHop>>>> = Default::default();
+        let keep = hop.clone();
+        let lose: Vec<String> = lose.iter().map(|n| n.to_string()).collect();
+        let state = state_with(&[], move |pod, metrics| {
+            let bus = Arc::new(LossyHop {
+                inner: Arc::new(MemoryBus::new(pod, retention(), metrics)),
+                lose: Mutex::new(lose),
+                target: Mutex::new(None),
+            });
+            *keep.lock().unwrap() = Some(bus.clone());
+            bus
+        });
+        let hop = hop.lock().unwrap().clone().unwrap();
+        (state, hop)
+    }
+
+    async fn data_of_next_messages(peer: &mut Peer, n: usize) -> Vec<u64> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let frame = peer.json().await;
+            assert_eq!(frame["type"], "message", "{frame}");
+            out.push(frame["data"].as_u64().unwrap());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_delivery_lost_on_the_hop_is_filled_from_the_log_by_the_next() {
+        let (state, _hop) = lossy_state(&[1, 2]);
+        let mut peer = connect(&state, "s1", Grant::anonymous()).await;
+        for n in 0..4 {
+            send(&state, "s1", n).await;
+        }
+        assert_eq!(data_of_next_messages(&mut peer, 4).await, vec![0, 1, 2, 3]);
+        // Nothing more: no duplicates of the filled entries.
+        peer.send(json!({"type":"ping","id":1}));
+        assert_eq!(peer.json().await["type"], "pong");
+        assert!(state.metrics.holes_filled.get() >= 1);
+    }
+
+    #[tokio::test]
+    async fn a_resync_notice_recovers_a_lost_last_message() {
+        let (state, hop) = lossy_state(&[2]);
+        let mut peer = connect(&state, "s1", Grant::anonymous()).await;
+        for n in 0..3 {
+            send(&state, "s1", n).await;
+        }
+        assert_eq!(data_of_next_messages(&mut peer, 2).await, vec![0, 1]);
+        // The last one was lost and nothing follows it; the bus's repair
+        // (a resync notice) makes the connection read the log.
+        let target = hop.target.lock().unwrap().clone().unwrap();
+        target.offer(&Arc::new(Delivery::resync(None)));
+        assert_eq!(data_of_next_messages(&mut peer, 1).await, vec![2]);
+        // A second notice with nothing new writes nothing.
+        target.offer(&Arc::new(Delivery::resync(None)));
+        peer.send(json!({"type":"ping","id":1}));
+        assert_eq!(peer.json().await["type"], "pong");
     }
 }

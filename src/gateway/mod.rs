@@ -4,6 +4,8 @@
 //! * `server`     - accept loop, HTTP/1 connections, graceful drain
 //! * `upgrade`    - `GET /ws`: checks before the upgrade (origin, auth, capacity)
 //! * `connection` - the one task that owns one WebSocket for its whole life
+//! * `order`      - what a connection has written per log, and what to do next (pure)
+//! * `rate`       - inbound frame rate limit and the policy for abusers (pure)
 //! * `api`        - `/v1/*` for backends
 //! * `health`     - `/healthz`, `/readyz`, `/metrics`
 //! * `error`      - the JSON error body every HTTP path answers with
@@ -12,6 +14,7 @@ mod api;
 mod connection;
 mod error;
 mod health;
+mod order;
 mod rate;
 mod server;
 mod upgrade;

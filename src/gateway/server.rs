@@ -115,6 +115,9 @@ impl Gateway {
                     upstream_stream: config.upstream_stream.clone(),
                     timeout: Duration::from_millis(config.redis_timeout_ms),
                     wait_replicas: config.redis_wait_replicas,
+                    upstream_max_age: Duration::from_secs(config.upstream_max_age_s),
+                    reconnect_jitter_ms: config.reconnect_jitter_ms,
+                    max_message_bytes: config.max_frame_bytes,
                 };
                 let redis = RedisBus::connect(options, pod.clone(), metrics.clone()).await?;
                 redis.spawn_background(&tracker, shutdown.clone());

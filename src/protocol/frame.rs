@@ -66,6 +66,10 @@ pub enum ClientFrame {
     Ping {
         data: Option<Box<RawValue>>,
     },
+    /// A fresh token for the same session, before the current one expires.
+    Refresh {
+        token: String,
+    },
     /// Fault injection: make this connection's task panic (refused unless enabled).
     Panic,
 }
@@ -80,6 +84,7 @@ impl ClientFrame {
             ClientFrame::Send { .. } => "send",
             ClientFrame::Upstream { .. } => "upstream",
             ClientFrame::Ping { .. } => "ping",
+            ClientFrame::Refresh { .. } => "refresh",
             ClientFrame::Panic => "panic",
         }
     }
@@ -110,6 +115,7 @@ struct Envelope {
     session: Option<String>,
     since: Option<String>,
     data: Option<Box<RawValue>>,
+    token: Option<String>,
 }
 
 /// Parses one text frame. Errors say exactly what is wrong, and keep the
@@ -201,6 +207,16 @@ pub fn parse_client_frame(text: &str) -> Result<Request, Rejection> {
             data: envelope.data,
         }
         .with(id),
+        "refresh" => match envelope.token {
+            Some(token) if !token.is_empty() => ClientFrame::Refresh { token }.with(id),
+            _ => {
+                return Err(reject(
+                    ErrorCode::BadRequest,
+                    "missing field \"token\"".into(),
+                    id,
+                ));
+            }
+        },
         "panic" => ClientFrame::Panic.with(id),
         other => {
             let shown: String = other.chars().take(32).collect();
@@ -254,6 +270,8 @@ struct Ack<'a> {
     id: &'a RawValue,
     #[serde(skip_serializing_if = "Option::is_none")]
     offset: Option<Offset>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gap: Option<bool>,
 }
 
 /// `{"type":"ack","id":..}`, plus the offset the message got when the
@@ -263,6 +281,18 @@ pub fn ack(id: &RawValue, offset: Option<Offset>) -> String {
         kind: "ack",
         id,
         offset,
+        gap: None,
+    })
+}
+
+/// The ack of a `subscribe` with `since`: `gap` says whether messages after
+/// `since` were already trimmed (v1.1).
+pub fn subscribe_ack(id: &RawValue, gap: Option<bool>) -> String {
+    to_json(&Ack {
+        kind: "ack",
+        id,
+        offset: None,
+        gap,
     })
 }
 
@@ -291,6 +321,8 @@ struct ErrorFrame<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<&'a RawValue>,
     code: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a str>,
     message: &'a str,
 }
 
@@ -299,6 +331,19 @@ pub fn error(id: Option<&RawValue>, code: ErrorCode, message: &str) -> String {
         kind: "error",
         id,
         code: code.as_str(),
+        channel: None,
+        message,
+    })
+}
+
+/// An error about one channel, e.g. a subscription a refreshed token no
+/// longer allows; `channel` names it so clients need not parse the message.
+pub fn channel_error(channel: &str, code: ErrorCode, message: &str) -> String {
+    to_json(&ErrorFrame {
+        kind: "error",
+        id: None,
+        code: code.as_str(),
+        channel: Some(channel),
         message,
     })
 }
@@ -386,6 +431,7 @@ mod tests {
             (r#"{"type":"ping","id":1,"data":{"t":5}}"#, "ping"),
             (r#"{"type":"ping"}"#, "ping"),
             (r#"{"type":"panic"}"#, "panic"),
+            (r#"{"type":"refresh","id":1,"token":"a.b.c"}"#, "refresh"),
         ];
         for (text, kind) in cases {
             let req = parse_client_frame(text).unwrap_or_else(|e| panic!("{text}: {e:?}"));
@@ -430,6 +476,9 @@ mod tests {
                 ErrorCode::BadRequest,
             ),
             (r#"{"type":"upstream"}"#, ErrorCode::BadRequest),
+            (r#"{"type":"refresh"}"#, ErrorCode::BadRequest),
+            (r#"{"type":"refresh","token":""}"#, ErrorCode::BadRequest),
+            (r#"{"type":"refresh","token":7}"#, ErrorCode::BadRequest),
             (r#"{"type":5}"#, ErrorCode::BadRequest),
         ];
         for (text, code) in cases {
@@ -466,6 +515,14 @@ mod tests {
                 r#"{"type":"message","channel":"c","offset":"12-3","data":{"k":true}}"#,
             ),
             (reconnect(1234), r#"{"type":"reconnect","after_ms":1234}"#),
+            (
+                subscribe_ack(&RawValue::from_string("3".into()).unwrap(), Some(true)),
+                r#"{"type":"ack","id":3,"gap":true}"#,
+            ),
+            (
+                channel_error("c", ErrorCode::Forbidden, "dropped"),
+                r#"{"type":"error","code":"forbidden","channel":"c","message":"dropped"}"#,
+            ),
             (
                 pong(None, Some(&data)),
                 r#"{"type":"pong","data":{"k":true}}"#,

@@ -49,6 +49,16 @@ pub struct Metrics {
     /// Shutdowns that exited with work left (`connections` still open after
     /// the 1001 closes, `webhook` events abandoned after the flush window).
     pub shutdown_incomplete: IntCounterVec,
+    /// Inbound frames dropped by the per-connection rate limit.
+    pub frames_rate_limited: IntCounter,
+    /// `refresh` frames by result (`ok`, `unauthorized`, `forbidden`, `bad_request`).
+    pub token_refreshes: IntCounterVec,
+    /// Connections closed (1008) because their token expired without a refresh.
+    pub token_expiries: IntCounter,
+    /// Replays that reported a gap, by log kind (`session`, `channel`).
+    pub replay_gaps: IntCounterVec,
+    /// Live deliveries that found a hole (or a resync notice) and read the log.
+    pub holes_filled: IntCounter,
 }
 
 /// Metric construction only fails on invalid names or duplicate
@@ -186,6 +196,33 @@ impl Metrics {
                 "wsfleet_shutdown_incomplete_total",
                 "Shutdowns that exited with connections open or webhook events undelivered",
                 &["what"]
+            ),
+            frames_rate_limited: counter!(
+                r,
+                "wsfleet_frames_rate_limited_total",
+                "Inbound frames dropped by the per-connection rate limit"
+            ),
+            token_refreshes: counter!(
+                r,
+                "wsfleet_token_refreshes_total",
+                "refresh frames, by result",
+                &["result"]
+            ),
+            token_expiries: counter!(
+                r,
+                "wsfleet_token_expiries_total",
+                "Connections closed 1008 because their token expired without a refresh"
+            ),
+            replay_gaps: counter!(
+                r,
+                "wsfleet_replay_gaps_total",
+                "Replays (welcome or subscribe with since) that reported a gap, by log kind",
+                &["kind"]
+            ),
+            holes_filled: counter!(
+                r,
+                "wsfleet_holes_filled_total",
+                "Live deliveries that found a hole or a resync notice and read the log"
             ),
             registry,
         }

@@ -121,9 +121,18 @@ pub fn metric(text: &str, sample: &str) -> f64 {
 
 /// One HTTP client for every test: building a client loads the TLS root
 /// store, which showed up in profiles when each request built its own.
+///
+/// Idle pooled connections are dropped after 5 s, before a pod's header
+/// read timeout (`--handshake-timeout-s`, 10 s, which also bounds the idle
+/// time between keep-alive requests) closes them: reusing one the pod is
+/// closing at that moment fails the request.
 pub fn http() -> &'static reqwest::Client {
-    static CLIENT: std::sync::LazyLock<reqwest::Client> =
-        std::sync::LazyLock::new(reqwest::Client::new);
+    static CLIENT: std::sync::LazyLock<reqwest::Client> = std::sync::LazyLock::new(|| {
+        reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(5))
+            .build()
+            .expect("HTTP client")
+    });
     &CLIENT
 }
 

@@ -80,6 +80,34 @@ app.kubernetes.io/component: redis
 {{- printf "%s-redis" (include "wsfleet.fullname" .) }}
 {{- end }}
 
+{{/*
+maxmemory of the in-chart Redis, in bytes: redis.maxmemory when set, else
+redis.maxmemoryPercent of the container's memory limit, so that Redis
+refuses writes (wsfleet answers 503) before the kernel kills it. Empty when
+neither is known (no limit: Redis grows until the node runs out).
+*/}}
+{{- define "wsfleet.redis.maxmemory" -}}
+{{- $r := .Values.redis }}
+{{- if $r.maxmemory }}
+{{- $r.maxmemory }}
+{{- else }}
+{{- $limit := toString (dig "limits" "memory" "" ($r.resources | default dict)) }}
+{{- if $limit }}
+{{- $units := dict "" 1 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 }}
+{{- $number := regexFind "^[0-9]+" $limit }}
+{{- $unit := trimPrefix $number $limit }}
+{{- if or (not $number) (not (hasKey $units $unit)) }}
+{{- fail (printf "redis.resources.limits.memory %q: write it as a whole number with Ki, Mi, Gi, Ti, K, M, G or T (or set redis.maxmemory)" $limit) }}
+{{- end }}
+{{- $percent := int ($r.maxmemoryPercent | default 80) }}
+{{- if or (lt $percent 1) (gt $percent 100) }}
+{{- fail (printf "redis.maxmemoryPercent %d: must be between 1 and 100" $percent) }}
+{{- end }}
+{{- div (mul (int64 $number) (get $units $unit) $percent) 100 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "wsfleet.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}

@@ -1,5 +1,6 @@
 //! Connections to Redis (one server or a Redis Cluster) behind one type,
-//! with a timeout, a latency histogram and an error counter on every call.
+//! with a timeout, a latency histogram and an error counter on every call,
+//! and the one place that decides what a failed call means ([`classify`]).
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -97,6 +98,67 @@ impl Target {
     }
 }
 
+/// What a failed call leaves behind, which decides the error the caller sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// A read, or a write whose outcome the caller never reports as
+    /// "stored" (claims, renewals, acknowledgements): a timeout is plain
+    /// unavailability.
+    Plain,
+    /// An append the client is told about: once the command is on the
+    /// wire, a missing reply leaves it possibly stored (outcome unknown).
+    Append,
+}
+
+/// The message every refusal caused by Redis's memory limit carries, in
+/// HTTP bodies, `error` frames and `/readyz`.
+pub const OUT_OF_MEMORY: &str = "Redis is out of memory (maxmemory reached, noeviction): \
+     new messages are refused until memory frees; raise Redis maxmemory or lower \
+     --retention-messages / --retention-s";
+
+/// Why a Redis call failed, as the bus reports it.
+///
+/// * `-OOM` (Redis at `maxmemory` under `noeviction`) is [`BusError::Full`]:
+///   nothing was stored, and the message says which limit was hit.
+/// * A timeout of an [`Effect::Append`] is [`BusError::Timeout`]: the
+///   command may have run (retry with the same idempotency key).
+/// * Anything else is [`BusError::Unavailable`]: refused before running
+///   (connection refused, server error) or a timeout of a plain call.
+pub fn classify(command: &str, effect: Effect, failure: Failure<'_>) -> BusError {
+    match failure {
+        Failure::Redis(e) if is_out_of_memory(e) => BusError::Full(OUT_OF_MEMORY.to_string()),
+        Failure::Redis(e) if effect == Effect::Append && e.is_timeout() => {
+            BusError::Timeout(format!("redis {command}: no reply in time ({e})"))
+        }
+        Failure::Redis(e) => BusError::Unavailable(format!("redis {command}: {e}")),
+        Failure::Deadline(limit) if effect == Effect::Append => {
+            BusError::Timeout(format!("redis {command}: no reply within {limit:?}"))
+        }
+        Failure::Deadline(limit) => {
+            BusError::Unavailable(format!("redis {command}: timed out after {limit:?}"))
+        }
+    }
+}
+
+/// How a call failed: Redis (or the client library) said so, or our own
+/// deadline passed first.
+#[derive(Debug, Clone, Copy)]
+pub enum Failure<'a> {
+    Redis(&'a redis::RedisError),
+    Deadline(Duration),
+}
+
+/// `-OOM command not allowed when used memory > 'maxmemory'`, also when a
+/// script's write hit it (the script error keeps the code).
+pub fn is_out_of_memory(e: &redis::RedisError) -> bool {
+    let in_pipeline = || {
+        e.clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, e)| e.code() == "OOM"))
+    };
+    e.code() == Some("OOM") || in_pipeline() || e.to_string().contains("OOM command not allowed")
+}
+
 /// The Redis bus's own metrics.
 #[derive(Clone)]
 pub struct BusMetrics {
@@ -105,6 +167,18 @@ pub struct BusMetrics {
     pub reconnects: IntCounter,
     pub routed: IntCounterVec,
     pub pending: IntGauge,
+    /// Writes Redis refused with `-OOM`.
+    pub oom_refusals: IntCounter,
+    /// 1 from the first `-OOM` until a probe write succeeds again (set by
+    /// the bus, which probes).
+    pub out_of_memory: IntGauge,
+    /// Appends whose outcome is unknown (reply timed out after sending).
+    pub outcome_unknown: IntCounter,
+    /// Ownership events: `claimed`, `superseded_locally`, `renew_taken`,
+    /// `renew_restored`, `renew_lost`.
+    pub ownership: IntCounterVec,
+    /// WAIT rounds by outcome (`acked`, `short`, `failed`).
+    pub replica_waits: IntCounterVec,
 }
 
 impl BusMetrics {
@@ -149,6 +223,37 @@ impl BusMetrics {
                 "Entries of this pod's inbox read but not acknowledged",
             )
             .expect("gauge"),
+            oom_refusals: IntCounter::new(
+                "wsfleet_bus_oom_total",
+                "Writes Redis refused with -OOM (maxmemory reached under noeviction)",
+            )
+            .expect("counter"),
+            out_of_memory: IntGauge::new(
+                "wsfleet_bus_out_of_memory",
+                "1 while Redis refuses writes for lack of memory (from the first -OOM until a probe write succeeds)",
+            )
+            .expect("gauge"),
+            outcome_unknown: IntCounter::new(
+                "wsfleet_bus_outcome_unknown_total",
+                "Appends answered 504: sent, but no reply in time (may be stored)",
+            )
+            .expect("counter"),
+            ownership: IntCounterVec::new(
+                Opts::new(
+                    "wsfleet_bus_ownership_events_total",
+                    "Session ownership events: claimed, superseded_locally, renew_taken, renew_restored, renew_lost",
+                ),
+                &["event"],
+            )
+            .expect("counter"),
+            replica_waits: IntCounterVec::new(
+                Opts::new(
+                    "wsfleet_bus_replica_waits_total",
+                    "WAIT rounds for --redis-wait-replicas, by outcome (acked, short, failed)",
+                ),
+                &["outcome"],
+            )
+            .expect("counter"),
         };
         for c in [
             Box::new(this.command_duration.clone()) as Box<dyn prometheus::core::Collector>,
@@ -156,6 +261,11 @@ impl BusMetrics {
             Box::new(this.reconnects.clone()),
             Box::new(this.routed.clone()),
             Box::new(this.pending.clone()),
+            Box::new(this.oom_refusals.clone()),
+            Box::new(this.out_of_memory.clone()),
+            Box::new(this.outcome_unknown.clone()),
+            Box::new(this.ownership.clone()),
+            Box::new(this.replica_waits.clone()),
         ] {
             if let Err(e) = r.register(c) {
                 tracing::error!(error = %e, "registering a bus metric failed");
@@ -169,6 +279,7 @@ impl BusMetrics {
         &self,
         command: &'static str,
         limit: Duration,
+        effect: Effect,
         call: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, BusError> {
         let started = Instant::now();
@@ -176,18 +287,65 @@ impl BusMetrics {
         self.command_duration
             .with_label_values(&[command])
             .observe(started.elapsed().as_secs_f64());
-        match outcome {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                self.errors.with_label_values(&[command]).inc();
-                Err(BusError::Unavailable(format!("redis {command}: {e}")))
+        let error = match outcome {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => classify(command, effect, Failure::Redis(&e)),
+            Err(_) => classify(command, effect, Failure::Deadline(limit)),
+        };
+        self.errors.with_label_values(&[command]).inc();
+        match &error {
+            BusError::Full(_) => self.oom_refusals.inc(),
+            BusError::Timeout(why) => {
+                self.outcome_unknown.inc();
+                tracing::warn!(command, why, "append outcome unknown");
             }
-            Err(_) => {
-                self.errors.with_label_values(&[command]).inc();
-                Err(BusError::Unavailable(format!(
-                    "redis {command}: timed out after {limit:?}"
-                )))
-            }
+            BusError::Unavailable(_) => {}
+        }
+        Err(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server_error(code: &str, detail: &str) -> redis::RedisError {
+        redis::RedisError::from((redis::ErrorKind::Extension, "", format!("{code} {detail}")))
+    }
+
+    fn io_error(kind: std::io::ErrorKind) -> redis::RedisError {
+        std::io::Error::new(kind, "test").into()
+    }
+
+    #[test]
+    fn what_a_failure_means_depends_on_whether_the_append_may_have_run() {
+        let timed_out = io_error(std::io::ErrorKind::TimedOut);
+        let refused = io_error(std::io::ErrorKind::ConnectionRefused);
+        let oom = server_error(
+            "OOM",
+            "command not allowed when used memory > 'maxmemory'. script: abc",
+        );
+        let deadline = Failure::Deadline(Duration::from_millis(5));
+        let cases: &[(Effect, Failure<'_>, &str)] = &[
+            (Effect::Append, Failure::Redis(&timed_out), "timeout"),
+            (Effect::Append, deadline, "timeout"),
+            (Effect::Append, Failure::Redis(&refused), "unavailable"),
+            (Effect::Append, Failure::Redis(&oom), "full"),
+            (Effect::Plain, Failure::Redis(&timed_out), "unavailable"),
+            (Effect::Plain, deadline, "unavailable"),
+            (Effect::Plain, Failure::Redis(&refused), "unavailable"),
+            (Effect::Plain, Failure::Redis(&oom), "full"),
+        ];
+        for (effect, failure, want) in cases {
+            let got = match classify("append", *effect, *failure) {
+                BusError::Timeout(_) => "timeout",
+                BusError::Unavailable(_) => "unavailable",
+                BusError::Full(m) => {
+                    assert!(m.contains("out of memory"), "{m}");
+                    "full"
+                }
+            };
+            assert_eq!(got, *want, "{effect:?} {failure:?}");
         }
     }
 }

@@ -16,8 +16,11 @@ pub struct SessionKeys {
     pub head: String,
     /// Hash: pod, instance, connection, epoch and time of the live owner. Leased.
     pub owner: String,
-    /// Counter: the claim epoch.
-    pub epoch: String,
+    /// String: the newest claim, `"<epoch> <instance> <conn> <pod>"`, or
+    /// `"<epoch>"` once that claim was released. Outlives the owner record
+    /// (lease expiry, release), so a holder whose record vanished can still
+    /// tell "nobody claimed since" from "the session moved" (the fence).
+    pub claim: String,
 }
 
 impl SessionKeys {
@@ -27,7 +30,7 @@ impl SessionKeys {
             log: format!("{tag}:log"),
             head: format!("{tag}:head"),
             owner: format!("{tag}:owner"),
-            epoch: format!("{tag}:epoch"),
+            claim: format!("{tag}:claim"),
         }
     }
 
@@ -65,6 +68,20 @@ pub fn inbox(pod: &str) -> String {
     format!("wsf:inbox:{{{pod}}}")
 }
 
+/// String written just before each WAIT on the replica connection: WAIT
+/// covers the writes of its own connection, so this write (made after the
+/// appends it vouches for were acknowledged) carries their replication
+/// offset to it.
+pub fn replica_barrier(pod: &str) -> String {
+    format!("wsf:replicas:{{{pod}}}")
+}
+
+/// String a pod writes to learn whether Redis accepts writes again after
+/// an `-OOM`.
+pub fn memory_probe(pod: &str) -> String {
+    format!("wsf:memprobe:{{{pod}}}")
+}
+
 /// Hash: pod name -> JSON status with its expiry, for `GET /v1/fleet`.
 pub const FLEET: &str = "wsf:fleet";
 
@@ -87,7 +104,7 @@ mod tests {
         let s = SessionId::parse("user:42").unwrap();
         let k = SessionKeys::new(&s);
         let idem = SessionKeys::idempotency(&s, "k{1}");
-        for key in [&k.log, &k.head, &k.owner, &k.epoch, &idem] {
+        for key in [&k.log, &k.head, &k.owner, &k.claim, &idem] {
             assert_eq!(hash_tag(key), "s:user:42", "{key}");
         }
         let c = ChannelName::parse("chat.room").unwrap();

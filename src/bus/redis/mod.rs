@@ -15,21 +15,34 @@
 //!   resume with `last` reads the log (trap 1).
 //! * Each log entry records the offset before it, so the connection task
 //!   notices a late or lost inbox entry and reads the hole from the log.
-//! * Ownership is a leased hash with an epoch; the owning pod renews the
-//!   lease of each of its sessions and closes (4409) any whose record
-//!   names another connection: the fence for stale owners (trap 3).
-//! * The blocking inbox read has its own connection (trap 8).
+//! * Ownership is a leased record naming its holder (instance + connection)
+//!   plus a claim record that outlives it; the owning pod renews the lease
+//!   of each of its sessions and closes (4409) any that another connection
+//!   claimed since: the fence for stale owners (traps 3 and 15,
+//!   `ownership.rs`).
+//! * The blocking inbox read has its own connection, and so does WAIT
+//!   (trap 8, `replicas.rs`).
 //! * A channel message goes once to each pod that has subscribers, then to
 //!   the local subscribers (trap 9).
+//!
+//! One job per file: `conn` (connections, what a failure means, metrics),
+//! `keys` (layout), `scripts` (the Lua steps), `ownership` (claim, release,
+//! renewal and the fence), `inbox` (reading this pod's inbox), `replicas`
+//! (WAIT), `upkeep` (the periodic pass); this file is the [`Bus`] itself:
+//! appends, routing, replays and channel membership.
 //!
 //! docs/architecture.md explains the design and its failure modes.
 
 mod conn;
 mod inbox;
 mod keys;
-mod scripts;
+mod ownership;
+mod replicas;
+pub mod scripts;
+mod upkeep;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -43,12 +56,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use conn::Target;
-use conn::{BusMetrics, Conn};
+use conn::{BusMetrics, Conn, Effect};
 use keys::{ChannelKeys, SessionKeys};
+use ownership::LocalOwner;
+use replicas::{ReplicaRounds, ReplicaWait};
 
 use super::{
-    Bus, BusError, Claim, ConnId, Delivery, Holder, Mailbox, Offer, Outgoing, Replay, Result,
-    Retention, SessionInfo, now_ms,
+    Bus, BusError, Claim, ConnId, Delivery, Mailbox, Offer, Outgoing, Replay, Result, Retention,
+    SessionInfo, now_ms,
 };
 use crate::pod::{LocalPod, PodStatus};
 use crate::protocol::close::CloseReason;
@@ -60,6 +75,8 @@ use crate::telemetry::Metrics;
 const INBOX_MAXLEN: usize = 100_000;
 /// Entries the upstream stream keeps at most (approximately).
 const UPSTREAM_MAXLEN: usize = 1_000_000;
+/// How long the probe write that tests whether Redis has memory again lives.
+const MEMORY_PROBE_TTL_MS: u64 = 10_000;
 
 /// How the Redis bus is set up.
 #[derive(Clone)]
@@ -74,24 +91,35 @@ pub struct RedisOptions {
     pub timeout: Duration,
     /// Replicas that must acknowledge an append (WAIT) before it is accepted.
     pub wait_replicas: u32,
-}
-
-/// A session owned by a connection on this pod.
-struct LocalOwner {
-    epoch: u64,
-    mailbox: Mailbox,
-    connected_at_ms: u64,
+    /// Upstream events older than this are trimmed from the upstream
+    /// stream (besides the count cap); zero: count cap only.
+    pub upstream_max_age: Duration,
+    /// Upper bound of the delay a connection asked to reconnect (its
+    /// ownership could not be proven) is told to wait.
+    pub reconnect_jitter_ms: u64,
+    /// The largest message a client may send: after an `-OOM`, Redis counts
+    /// as having memory again once a write of this size succeeds.
+    pub max_message_bytes: usize,
 }
 
 pub struct RedisBus {
     pod: Arc<LocalPod>,
     /// Random per process: tells this run of the pod from an earlier one
-    /// with the same name (StatefulSets reuse names).
+    /// with the same name (StatefulSets reuse names). Half of every holder.
+    instance: u64,
+    /// `instance` as Redis stores it (owner records, consumer name).
     inst: String,
     opts: RedisOptions,
     conn: Conn,
     metrics: Arc<Metrics>,
     bus_metrics: BusMetrics,
+    /// Set when Redis answers `-OOM`, cleared when a probe write succeeds:
+    /// readiness reports it until then.
+    out_of_memory: AtomicBool,
+    /// Replica acknowledgement, when `wait_replicas` > 0.
+    replicas: Option<ReplicaWait>,
+    /// Its round task, until `spawn_background` starts it.
+    replica_rounds: std::sync::Mutex<Option<ReplicaRounds>>,
     /// Sessions whose connection lives here.
     sessions: DashMap<SessionId, LocalOwner>,
     /// Channels with subscribers here, and those subscribers.
@@ -121,35 +149,112 @@ impl RedisBus {
             .connect(opts.timeout)
             .await
             .map_err(unavailable)?;
-        let inst = format!("{:016x}", rand::rng().random::<u64>());
+        let instance = rand::rng().random::<u64>();
         let bus_metrics = BusMetrics::register(&metrics);
+        let (replicas, replica_rounds) = if opts.wait_replicas > 0 {
+            // Its own connection: WAIT blocks whatever is queued behind it.
+            let wait_ms = replicas::wait_timeout_ms(opts.timeout);
+            let own = opts
+                .target
+                .connect(Duration::from_millis(wait_ms) + opts.timeout)
+                .await
+                .map_err(unavailable)?;
+            let (wait, rounds) = replicas::replica_wait(
+                opts.wait_replicas,
+                opts.timeout,
+                keys::replica_barrier(&pod.name),
+                own,
+                bus_metrics.clone(),
+            );
+            (Some(wait), Some(rounds))
+        } else {
+            (None, None)
+        };
         Ok(Arc::new(Self {
             inbox: keys::inbox(&pod.name),
             pod,
-            inst,
+            instance,
+            inst: ownership::instance_field(instance),
             opts,
             conn,
             metrics,
             bus_metrics,
+            out_of_memory: AtomicBool::new(false),
+            replicas,
+            replica_rounds: std::sync::Mutex::new(replica_rounds),
             sessions: DashMap::new(),
             channels: DashMap::new(),
         }))
     }
 
-    /// Starts the inbox reader and the upkeep loop (leases, fleet status).
+    /// Starts the inbox reader, the upkeep loop (leases, fleet status) and
+    /// the replica waiter.
     pub fn spawn_background(self: &Arc<Self>, tracker: &TaskTracker, shutdown: CancellationToken) {
         tracker.spawn(inbox::read(self.clone(), shutdown.clone()));
-        tracker.spawn(upkeep(self.clone(), shutdown));
+        let rounds = self
+            .replica_rounds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(rounds) = rounds {
+            tracker.spawn(rounds.run(shutdown.clone()));
+        }
+        tracker.spawn(upkeep::run(self.clone(), shutdown));
     }
 
+    /// One Redis call whose failure means "nothing happened" (reads, claims,
+    /// renewals, acknowledgements).
     async fn call<T>(
         &self,
         command: &'static str,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T> {
-        self.bus_metrics
-            .call(command, self.opts.timeout, call)
-            .await
+        self.call_with(command, Effect::Plain, call).await
+    }
+
+    async fn call_with<T>(
+        &self,
+        command: &'static str,
+        effect: Effect,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        let outcome = self
+            .bus_metrics
+            .call(command, self.opts.timeout, effect, call)
+            .await;
+        if let Err(BusError::Full(why)) = &outcome
+            && !self.out_of_memory.swap(true, Ordering::Relaxed)
+        {
+            self.bus_metrics.out_of_memory.set(1);
+            tracing::error!(command, "{why}");
+        }
+        outcome
+    }
+
+    /// After an `-OOM`: whether Redis takes writes again. A real write (under
+    /// `noeviction` only writes are refused) as large as the largest message
+    /// (Redis near its limit takes small writes and refuses large ones),
+    /// deleted at once.
+    async fn probe_memory(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let key = keys::memory_probe(&self.pod.name);
+        let mut probe = redis::pipe();
+        probe
+            .cmd("SET")
+            .arg(&key)
+            .arg(vec![b'x'; self.opts.max_message_bytes])
+            .arg("PX")
+            .arg(MEMORY_PROBE_TTL_MS)
+            .ignore()
+            .cmd("DEL")
+            .arg(&key)
+            .ignore();
+        self.call::<()>("memory_probe", probe.query_async(&mut conn))
+            .await?;
+        self.out_of_memory.store(false, Ordering::Relaxed);
+        self.bus_metrics.out_of_memory.set(0);
+        tracing::info!("Redis accepts writes again");
+        Ok(())
     }
 
     fn retention_ms(&self) -> u64 {
@@ -186,23 +291,13 @@ impl RedisBus {
             .arg(kind)
             .arg(now_ms());
         let (id, prev, duplicate, targets): (String, String, i64, Vec<String>) = self
-            .call("append", invocation.invoke_async(&mut conn))
+            .call_with("append", Effect::Append, invocation.invoke_async(&mut conn))
             .await?;
         let offset = id.parse::<Offset>().map_err(unavailable)?;
-        if self.opts.wait_replicas > 0 {
-            // WAIT covers the writes made earlier on this same connection,
-            // the append included. Commands queued behind it wait too: the
-            // price of replica acknowledgement on a multiplexed connection.
-            let mut wait = redis::cmd("WAIT");
-            wait.arg(self.opts.wait_replicas)
-                .arg(self.opts.timeout.as_millis() as u64 / 2);
-            let acked: i64 = self.call("wait", wait.query_async(&mut conn)).await?;
-            if acked < i64::from(self.opts.wait_replicas) {
-                return Err(BusError::Unavailable(format!(
-                    "only {acked} of {} replicas acknowledged offset {offset}; it may still be delivered, retry with the same Idempotency-Key",
-                    self.opts.wait_replicas
-                )));
-            }
+        if let Some(replicas) = &self.replicas {
+            // A duplicate is waited for too: its first attempt may be the
+            // very one whose acknowledgement fell short.
+            replicas.wait(&format!("offset {offset}")).await?;
         }
         if duplicate == 1 {
             return Ok((offset, None, None));
@@ -316,7 +411,7 @@ impl RedisBus {
             .await?;
         self.metrics.retention_trims.inc_by(trimmed);
         let mut out = Vec::with_capacity(entries.len());
-        let mut first_prev = None;
+        let mut first_prev: Option<Option<Offset>> = None;
         for (i, (id, fields)) in entries.iter().enumerate() {
             let Ok(offset) = id.parse::<Offset>() else {
                 continue;
@@ -331,7 +426,7 @@ impl RedisBus {
             };
             let prev = parse_offset(field("p"));
             if i == 0 {
-                first_prev = prev;
+                first_prev = Some(prev);
             }
             let accepted = field("t").parse().unwrap_or(0);
             if let Some(d) = self.delivery(channel, offset, prev, field("d"), field("f"), accepted)
@@ -339,13 +434,7 @@ impl RedisBus {
                 out.push(d);
             }
         }
-        let gap = match after {
-            None => false,
-            Some(after) => match out.first() {
-                Some(_) => first_prev.is_some_and(|p| p > after),
-                None => parse_offset(&head).is_some_and(|h| h > after),
-            },
-        };
+        let gap = replay_gap(after, first_prev, parse_offset(&head));
         Ok(Replay { entries: out, gap })
     }
 
@@ -368,18 +457,8 @@ impl RedisBus {
 
     /// Local half of a control notice: closes the named connection if it is here.
     fn close_local(&self, session: &SessionId, inst: &str, conn: &str, reason: CloseReason) {
-        if inst != self.inst {
-            return;
-        }
-        let Ok(conn) = conn.parse::<ConnId>() else {
-            return;
-        };
-        // Only closed here: the connection's own release then removes it
-        // and deletes the owner record.
-        if let Some(owner) = self.sessions.get(session)
-            && owner.mailbox.id == conn
-        {
-            owner.mailbox.close(reason);
+        if let Some(holder) = ownership::parse_holder(inst, conn) {
+            self.close_holder(session, holder, reason);
         }
     }
 
@@ -413,64 +492,11 @@ impl RedisBus {
 impl Bus for RedisBus {
     #[tracing::instrument(level = "debug", skip_all, fields(%session))]
     async fn claim(&self, session: &SessionId, mailbox: &Mailbox) -> Result<Claim> {
-        let keys = SessionKeys::new(session);
-        let mut conn = self.conn.clone();
-        let now = now_ms();
-        let mut invocation = scripts::CLAIM.prepare_invoke();
-        invocation
-            .key(&keys.owner)
-            .key(&keys.epoch)
-            .arg(&self.pod.name)
-            .arg(&self.inst)
-            .arg(mailbox.id)
-            .arg(self.lease_ms())
-            .arg(now);
-        let (epoch, prev_pod, prev_inst, prev_conn): (u64, String, String, String) = self
-            .call("claim", invocation.invoke_async(&mut conn))
-            .await?;
-        let previous = self.sessions.insert(
-            session.clone(),
-            LocalOwner {
-                epoch,
-                mailbox: mailbox.clone(),
-                connected_at_ms: now,
-            },
-        );
-        if let Some(previous) = previous
-            && previous.mailbox.id != mailbox.id
-        {
-            previous.mailbox.close(CloseReason::TakenOver);
-        }
-        let elsewhere = !prev_pod.is_empty() && (prev_inst != self.inst);
-        if elsewhere {
-            self.notify_owner(&prev_pod, "x", session, &prev_inst, &prev_conn)
-                .await;
-        }
-        Ok(Claim {
-            epoch,
-            holder: Holder {
-                instance: u64::from_str_radix(&self.inst, 16).unwrap_or_default(),
-                conn: mailbox.id,
-            },
-        })
+        self.claim_session(session, mailbox).await
     }
 
     async fn release(&self, session: &SessionId, claim: Claim) {
-        let removed = self
-            .sessions
-            .remove_if(session, |_, o| o.epoch == claim.epoch);
-        let Some((_, owner)) = removed else { return };
-        let keys = SessionKeys::new(session);
-        let mut conn = self.conn.clone();
-        let mut invocation = scripts::RELEASE.prepare_invoke();
-        invocation
-            .key(&keys.owner)
-            .arg(&self.inst)
-            .arg(owner.mailbox.id);
-        // On failure the lease runs out by itself.
-        let _ = self
-            .call::<i64>("release", invocation.invoke_async(&mut conn))
-            .await;
+        self.release_session(session, claim).await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(%session))]
@@ -689,23 +715,29 @@ impl Bus for RedisBus {
 
     async fn append_upstream(&self, event_json: &str) -> Result<bool> {
         let mut conn = self.conn.clone();
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(&self.opts.upstream_stream)
-            .arg("MAXLEN")
-            .arg("~")
+        let mut invocation = scripts::UPSTREAM.prepare_invoke();
+        invocation
+            .key(&self.opts.upstream_stream)
+            .arg(event_json)
             .arg(UPSTREAM_MAXLEN)
-            .arg("*")
-            .arg("event")
-            .arg(event_json);
-        self.call::<String>("xadd_upstream", cmd.query_async(&mut conn))
-            .await?;
+            .arg(self.opts.upstream_max_age.as_millis() as u64);
+        self.call_with::<String>(
+            "xadd_upstream",
+            Effect::Append,
+            invocation.invoke_async(&mut conn),
+        )
+        .await?;
         Ok(true)
     }
 
+    /// Reachable, and (after an `-OOM`) taking writes again.
     async fn check(&self) -> Result<()> {
         let mut conn = self.conn.clone();
         self.call::<String>("ping", redis::cmd("PING").query_async(&mut conn))
             .await?;
+        if self.out_of_memory.load(Ordering::Relaxed) {
+            self.probe_memory().await?;
+        }
         Ok(())
     }
 
@@ -719,114 +751,105 @@ impl Bus for RedisBus {
     }
 }
 
-/// Every lease/3: publish this pod's status, keep its inbox alive, renew the
-/// leases of its sessions (closing those another connection took) and of
-/// its channel memberships.
-async fn upkeep(bus: Arc<RedisBus>, shutdown: CancellationToken) {
-    let period = (bus.opts.lease / 3).max(Duration::from_millis(200));
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        upkeep_once(&bus).await;
+/// Whether a replay after `after` may be missing messages: `false` only
+/// when the log itself shows that nothing after `after` was trimmed or
+/// lost. `first_prev` is the `prev` of the first entry returned (`None`
+/// when nothing was returned; `Some(None)` when that entry names no
+/// predecessor), `head` the newest offset the log remembers.
+///
+/// * An entry names its predecessor: continuous iff that is not after
+///   `after`. One that names none was appended to a log with no head, the
+///   first ever or the first after Redis lost the log; a client holding
+///   `after` saw an older entry, so it is the latter.
+/// * Nothing after `after`: continuous iff the head is not after `after`.
+///   No head at all (lost, or expired `--retention-s` + 1 h after the last
+///   append) proves nothing.
+fn replay_gap(
+    after: Option<Offset>,
+    first_prev: Option<Option<Offset>>,
+    head: Option<Offset>,
+) -> bool {
+    let Some(after) = after else { return false };
+    match first_prev {
+        Some(prev) => prev.is_none_or(|p| p > after),
+        None => head.is_none_or(|h| h > after),
     }
-    // Leaving the fleet view at once is kinder than waiting for the lease.
-    let mut conn = bus.conn.clone();
-    let _ = bus
-        .call::<i64>("hdel", conn.hdel(keys::FLEET, &bus.pod.name))
-        .await;
 }
 
-async fn upkeep_once(bus: &RedisBus) {
-    let mut conn = bus.conn.clone();
-    let status = bus.status_json();
-    if bus
-        .call::<i64>("hset", conn.hset(keys::FLEET, &bus.pod.name, status))
-        .await
-        .is_err()
-    {
-        return; // Redis is away; try again next tick
-    }
-    let _ = bus
-        .call::<i64>(
-            "pexpire",
-            conn.pexpire(&bus.inbox, (bus.lease_ms() * 20) as i64),
-        )
-        .await;
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    let owned: Vec<(SessionId, u64, ConnId, u64)> = bus
-        .sessions
-        .iter()
-        .map(|e| (e.key().clone(), e.epoch, e.mailbox.id, e.connected_at_ms))
-        .collect();
-    for chunk in owned.chunks(512) {
-        let renewals = chunk
-            .iter()
-            .map(|(session, epoch, conn_id, at)| async move {
-                let keys = SessionKeys::new(session);
-                let mut conn = bus.conn.clone();
-                let mut invocation = scripts::RENEW.prepare_invoke();
-                invocation
-                    .key(&keys.owner)
-                    .arg(&bus.pod.name)
-                    .arg(&bus.inst)
-                    .arg(*conn_id)
-                    .arg(*epoch)
-                    .arg(bus.lease_ms())
-                    .arg(*at);
-                let outcome = bus
-                    .call::<i64>("renew", invocation.invoke_async(&mut conn))
-                    .await;
-                (session, conn_id, outcome)
-            });
-        for (session, conn_id, outcome) in join_all(renewals).await {
-            match outcome {
-                Ok(-1) => {
-                    // Someone else holds the session now: this connection is stale.
-                    tracing::info!(%session, "lost the session to a newer claim; closing 4409");
-                    bus.close_local(
-                        session,
-                        &bus.inst.clone(),
-                        &conn_id.to_string(),
-                        CloseReason::TakenOver,
-                    );
-                }
-                Ok(2) => {
-                    // The owner record was gone (Redis lost data): messages
-                    // sent meanwhile were not routed here. Catch up from the log.
-                    if let Some(owner) = bus.sessions.get(session) {
-                        owner.mailbox.offer(&Arc::new(Delivery::resync(None)));
-                    }
-                }
-                _ => {}
-            }
+    fn o(ms: u64) -> Offset {
+        format!("{ms}-0").parse().expect("offset")
+    }
+
+    #[test]
+    fn a_gap_is_reported_unless_the_log_proves_continuity() {
+        /// (what, after, prev of the first entry returned, head, gap)
+        type Case = (
+            &'static str,
+            Option<Offset>,
+            Option<Option<Offset>>,
+            Option<Offset>,
+            bool,
+        );
+        let cases: &[Case] = &[
+            ("no `after`: nothing to prove", None, None, None, false),
+            ("no `after`, log lost", None, Some(None), Some(o(9)), false),
+            (
+                "first entry follows `after`",
+                Some(o(5)),
+                Some(Some(o(5))),
+                Some(o(9)),
+                false,
+            ),
+            (
+                "first entry follows an older one",
+                Some(o(5)),
+                Some(Some(o(3))),
+                Some(o(9)),
+                false,
+            ),
+            (
+                "entries after `after` trimmed",
+                Some(o(5)),
+                Some(Some(o(7))),
+                Some(o(9)),
+                true,
+            ),
+            (
+                "log restarted (first entry names no predecessor)",
+                Some(o(5)),
+                Some(None),
+                Some(o(9)),
+                true,
+            ),
+            (
+                "nothing new, head is `after`",
+                Some(o(5)),
+                None,
+                Some(o(5)),
+                false,
+            ),
+            (
+                "nothing new, head older than `after`",
+                Some(o(5)),
+                None,
+                Some(o(4)),
+                false,
+            ),
+            (
+                "everything after `after` trimmed",
+                Some(o(5)),
+                None,
+                Some(o(9)),
+                true,
+            ),
+            ("log and head lost", Some(o(5)), None, None, true),
+        ];
+        for (what, after, first_prev, head, gap) in cases {
+            assert_eq!(replay_gap(*after, *first_prev, *head), *gap, "{what}");
         }
-    }
-
-    let channels: Vec<ChannelName> = bus.channels.iter().map(|e| e.key().clone()).collect();
-    for channel in channels {
-        // A membership that was missing means Redis lost it (restarted
-        // empty): publishes since then never reached this pod.
-        if let Ok((_, true)) = bus.join_channel(&channel).await {
-            bus.deliver_local_channel(&channel, &Arc::new(Delivery::resync(Some(channel.clone()))));
-        }
-    }
-
-    let pending: std::result::Result<Vec<redis::Value>, _> = bus
-        .call("xpending", async {
-            redis::cmd("XPENDING")
-                .arg(&bus.inbox)
-                .arg(keys::INBOX_GROUP)
-                .query_async(&mut conn)
-                .await
-        })
-        .await;
-    if let Ok(summary) = pending
-        && let Some(redis::Value::Int(n)) = summary.first()
-    {
-        bus.bus_metrics.pending.set(*n);
     }
 }

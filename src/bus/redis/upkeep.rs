@@ -1,0 +1,75 @@
+//! The pod's periodic upkeep, every lease/3: publish its status, keep its
+//! inbox alive, renew its sessions' leases (the fence, `ownership.rs`) and
+//! its channel memberships, and report its pending inbox entries.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use tokio_util::sync::CancellationToken;
+
+use super::{RedisBus, keys};
+use crate::bus::Delivery;
+use crate::protocol::ChannelName;
+
+pub async fn run(bus: Arc<RedisBus>, shutdown: CancellationToken) {
+    let period = (bus.opts.lease / 3).max(Duration::from_millis(200));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        once(&bus).await;
+    }
+    // Leaving the fleet view at once is kinder than waiting for the lease.
+    let mut conn = bus.conn.clone();
+    let _ = bus
+        .call::<i64>("hdel", conn.hdel(keys::FLEET, &bus.pod.name))
+        .await;
+}
+
+async fn once(bus: &RedisBus) {
+    let mut conn = bus.conn.clone();
+    let status = bus.status_json();
+    if bus
+        .call::<i64>("hset", conn.hset(keys::FLEET, &bus.pod.name, status))
+        .await
+        .is_err()
+    {
+        return; // Redis is away; try again next tick
+    }
+    let _ = bus
+        .call::<i64>(
+            "pexpire",
+            conn.pexpire(&bus.inbox, (bus.lease_ms() * 20) as i64),
+        )
+        .await;
+
+    bus.renew_sessions().await;
+
+    let channels: Vec<ChannelName> = bus.channels.iter().map(|e| e.key().clone()).collect();
+    for channel in channels {
+        // A membership that was missing means Redis lost it (restarted
+        // empty): publishes since then never reached this pod.
+        if let Ok((_, true)) = bus.join_channel(&channel).await {
+            bus.deliver_local_channel(&channel, &Arc::new(Delivery::resync(Some(channel.clone()))));
+        }
+    }
+
+    let pending: std::result::Result<Vec<redis::Value>, _> = bus
+        .call("xpending", async {
+            redis::cmd("XPENDING")
+                .arg(&bus.inbox)
+                .arg(keys::INBOX_GROUP)
+                .query_async(&mut conn)
+                .await
+        })
+        .await;
+    if let Ok(summary) = pending
+        && let Some(redis::Value::Int(n)) = summary.first()
+    {
+        bus.bus_metrics.pending.set(*n);
+    }
+}

@@ -66,7 +66,7 @@ pub struct ServeConfig {
 
     /// Redis URL (redis:// or rediss://). Absent: embedded mode, the whole
     /// fleet in this one process.
-    #[arg(long, env = "WSFLEET_REDIS_URL")]
+    #[arg(long, env = "WSFLEET_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<Secret>,
 
     /// Treat --redis-url as a comma-separated list of Redis Cluster seed nodes.
@@ -117,9 +117,15 @@ pub struct ServeConfig {
     #[arg(long, env = "WSFLEET_JWT_RS256_PUBLIC_KEY_FILE")]
     pub jwt_rs256_public_key_file: Option<PathBuf>,
 
-    /// API key required as `Authorization: Bearer <key>` on /v1/*. Absent: open.
+    /// API key required as `Authorization: Bearer <key>` on /v1/*. Absent:
+    /// /v1/* answers loopback peers only (unless --insecure-api).
     #[arg(long, env = "WSFLEET_API_KEY", hide_env_values = true)]
     pub api_key: Option<Secret>,
+
+    /// Without --api-key, open /v1/* to every peer instead of loopback only.
+    /// Anyone who reaches the port can then message any session.
+    #[arg(long, env = "WSFLEET_INSECURE_API", default_value_t = false)]
+    pub insecure_api: bool,
 
     /// Comma-separated browser origins allowed to open WebSockets. Absent: any.
     #[arg(long, env = "WSFLEET_ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -183,8 +189,10 @@ pub struct ServeConfig {
     pub reconnect_jitter_ms: u64,
 
     /// URL to POST upstream events (connect, disconnect, upstream) to.
-    #[arg(long, env = "WSFLEET_WEBHOOK_URL")]
-    pub webhook_url: Option<String>,
+    /// It may carry credentials (user:password@ or a token in the query), so
+    /// it is a secret: never logged, never shown by --help.
+    #[arg(long, env = "WSFLEET_WEBHOOK_URL", hide_env_values = true)]
+    pub webhook_url: Option<Secret>,
 
     /// Redis stream for upstream events (cluster mode).
     #[arg(
@@ -239,6 +247,8 @@ pub enum ConfigError {
     JwtKeyInvalid(String),
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
+    #[error("{0} must not be empty (leave it unset instead)")]
+    Empty(&'static str),
     #[error("--redis-wait-replicas works with a single Redis primary, not with --redis-cluster")]
     WaitWithCluster,
 }
@@ -278,6 +288,10 @@ impl ServeConfig {
         ];
         if let Some((_, name)) = non_zero.iter().find(|(v, _)| *v == 0) {
             return Err(ConfigError::Zero(name));
+        }
+        // An empty key would be matched by `Authorization: Bearer ` alone.
+        if self.api_key.as_ref().is_some_and(|k| k.0.is_empty()) {
+            return Err(ConfigError::Empty("--api-key"));
         }
         if self.redis_wait_replicas > 0 && self.redis_cluster {
             return Err(ConfigError::WaitWithCluster);

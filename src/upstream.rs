@@ -9,15 +9,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bus::Bus;
+use crate::config::Secret;
 use crate::protocol::SessionId;
 use crate::telemetry::Metrics;
 
@@ -71,26 +74,48 @@ pub struct Upstream {
     bus: Arc<dyn Bus>,
     /// Whether the bus has a stream for events (cluster mode).
     bus_stream: bool,
-    webhook: Option<mpsc::Sender<String>>,
+    webhook: Option<Webhook>,
     metrics: Arc<Metrics>,
 }
 
+/// The webhook's queue and the handles that end its worker.
+#[derive(Clone)]
+struct Webhook {
+    queue: mpsc::Sender<String>,
+    /// Cancelled by [`Upstream::finish`]: deliver what is queued, then stop.
+    finish: CancellationToken,
+    /// Cancelled when the flush runs out of time: in-flight POSTs are aborted.
+    abandon: CancellationToken,
+    /// Cancelled by the worker when it has returned.
+    finished: CancellationToken,
+}
+
 impl Upstream {
-    /// Starts the webhook sender (if `webhook_url` is set), tracked by
-    /// `tracker` so that shutdown waits for queued events briefly.
+    /// Starts the webhook worker (if `webhook_url` is set), tracked by
+    /// `tracker`; [`Upstream::finish`] flushes it at shutdown.
     pub fn new(
         pod: &str,
         bus: Arc<dyn Bus>,
         bus_stream: bool,
-        webhook_url: Option<String>,
+        webhook_url: Option<Secret>,
         metrics: Arc<Metrics>,
         tracker: &TaskTracker,
-        shutdown: CancellationToken,
     ) -> Self {
-        let webhook = webhook_url.map(|url| {
-            let (tx, rx) = mpsc::channel(WEBHOOK_QUEUE);
-            tracker.spawn(run_webhook(url, rx, metrics.clone(), shutdown));
-            tx
+        let webhook = webhook_url.map(|Secret(url)| {
+            let (queue, rx) = mpsc::channel(WEBHOOK_QUEUE);
+            let webhook = Webhook {
+                queue,
+                finish: CancellationToken::new(),
+                abandon: CancellationToken::new(),
+                finished: CancellationToken::new(),
+            };
+            tracker.spawn(run_webhook(
+                Arc::from(url),
+                rx,
+                metrics.clone(),
+                webhook.clone(),
+            ));
+            webhook
         });
         Self {
             pod: Arc::from(pod),
@@ -99,6 +124,25 @@ impl Upstream {
             webhook,
             metrics,
         }
+    }
+
+    /// At shutdown, once no connection is left to emit more: delivers every
+    /// queued webhook event (with retries) within `within`, then abandons
+    /// what is left (counted as `abandoned`). True when nothing was abandoned.
+    pub async fn finish(&self, within: Duration) -> bool {
+        let Some(webhook) = &self.webhook else {
+            return true;
+        };
+        webhook.finish.cancel();
+        if tokio::time::timeout(within, webhook.finished.cancelled())
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        webhook.abandon.cancel();
+        webhook.finished.cancelled().await;
+        false
     }
 
     pub fn is_configured(&self) -> bool {
@@ -137,7 +181,7 @@ impl Upstream {
             }
         }
         if let Some(webhook) = &self.webhook {
-            if webhook.try_send(json).is_err() {
+            if webhook.queue.try_send(json).is_err() {
                 self.count("webhook", "dropped");
                 return Err(UpstreamError::Overloaded);
             }
@@ -154,12 +198,17 @@ impl Upstream {
     }
 }
 
+/// Feeds queued events to the webhook, at most [`WEBHOOK_CONCURRENCY`]
+/// POSTs at once. Every POST is a task of this worker's `JoinSet`, never
+/// detached, so shutdown can wait for them (or abort them) instead of
+/// exiting under them.
 async fn run_webhook(
-    url: String,
+    url: Arc<str>,
     mut rx: mpsc::Receiver<String>,
     metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
+    webhook: Webhook,
 ) {
+    let _finished = webhook.finished.clone().drop_guard();
     let client = match reqwest::Client::builder().timeout(WEBHOOK_TIMEOUT).build() {
         Ok(c) => c,
         Err(e) => {
@@ -167,31 +216,53 @@ async fn run_webhook(
             return;
         }
     };
-    let permits = Arc::new(Semaphore::new(WEBHOOK_CONCURRENCY));
-    loop {
-        let body = tokio::select! {
-            body = rx.recv() => match body { Some(b) => b, None => return },
-            _ = shutdown.cancelled() => return,
-        };
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let (client, url, metrics) = (client.clone(), url.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let outcome = post_with_retries(&client, &url, body).await;
-            metrics
-                .upstream_events
-                .with_label_values(&["webhook", outcome])
-                .inc();
-        });
+    let record = |outcome: &str| {
+        metrics
+            .upstream_events
+            .with_label_values(&["webhook", outcome])
+            .inc();
+    };
+    let mut posts: JoinSet<&'static str> = JoinSet::new();
+    let mut queue_open = true;
+    let mut finishing = false;
+    while queue_open || !posts.is_empty() {
+        tokio::select! {
+            biased;
+            _ = webhook.abandon.cancelled() => {
+                let left = posts.len() + rx.len();
+                posts.abort_all();
+                for _ in 0..left {
+                    record("abandoned");
+                }
+                tracing::warn!(left, "shutdown: webhook events abandoned after the flush window");
+                return;
+            }
+            Some(done) = posts.join_next(), if !posts.is_empty() => {
+                record(done.unwrap_or("failed"));
+            }
+            _ = webhook.finish.cancelled(), if !finishing => {
+                // Refuse new events; what is queued is still received.
+                finishing = true;
+                rx.close();
+                tracing::info!(queued = rx.len(), in_flight = posts.len(), "shutdown: flushing webhook events");
+            }
+            body = rx.recv(), if queue_open && posts.len() < WEBHOOK_CONCURRENCY => match body {
+                Some(body) => {
+                    posts.spawn(post_with_retries(client.clone(), url.clone(), Bytes::from(body)));
+                }
+                None => queue_open = false,
+            },
+        }
+    }
+    if finishing {
+        tracing::info!("shutdown: every webhook event delivered or answered");
     }
 }
 
-async fn post_with_retries(client: &reqwest::Client, url: &str, body: String) -> &'static str {
+async fn post_with_retries(client: reqwest::Client, url: Arc<str>, body: Bytes) -> &'static str {
     for attempt in 1..=WEBHOOK_ATTEMPTS {
         let result = client
-            .post(url)
+            .post(&*url)
             .header("content-type", "application/json")
             .body(body.clone())
             .send()
@@ -203,9 +274,12 @@ async fn post_with_retries(client: &reqwest::Client, url: &str, body: String) ->
                 return "refused";
             }
             Ok(resp) => tracing::warn!(status = %resp.status(), attempt, "webhook failed"),
-            Err(e) => tracing::warn!(error = %e, attempt, "webhook unreachable"),
+            // Without the URL: it may carry credentials.
+            Err(e) => tracing::warn!(error = %e.without_url(), attempt, "webhook unreachable"),
         }
-        tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+        if attempt < WEBHOOK_ATTEMPTS {
+            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+        }
     }
     "failed"
 }

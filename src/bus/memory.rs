@@ -669,6 +669,18 @@ impl Bus for MemoryBus {
     async fn check(&self) -> Result<()> {
         Ok(())
     }
+
+    fn close_local_connections(&self, reason: CloseReason) -> usize {
+        // Embedded mode: every owner is on this pod.
+        let mut asked = 0;
+        for state in self.sessions.iter() {
+            if let Some(owner) = &state.owner {
+                owner.mailbox.close(reason);
+                asked += 1;
+            }
+        }
+        asked
+    }
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ pub use log::{Log, Retention};
 pub use mailbox::{ConnId, Event, Inbox, Mailbox, Offer, mailbox};
 
 use crate::pod::PodStatus;
+use crate::protocol::close::CloseReason;
 use crate::protocol::{ChannelName, Offset, SessionId};
 
 /// One message as it sits in a log and travels to connections: rendered
@@ -194,6 +195,11 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Whether the bus can durably accept messages right now (readiness).
     async fn check(&self) -> Result<()>;
+
+    /// Asks every connection that holds a session on this pod to close
+    /// with `reason` (shutdown: the drain window is over). Returns how many
+    /// were asked. Never waits: it only posts to their mailboxes.
+    fn close_local_connections(&self, reason: CloseReason) -> usize;
 }
 
 /// Milliseconds since the Unix epoch, the clock of offsets and retention.

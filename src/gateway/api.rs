@@ -1,12 +1,13 @@
 //! `/v1/*`: the HTTP API backends use to reach sessions and channels.
 //! Handlers only translate HTTP to bus calls and back.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -22,41 +23,139 @@ use crate::bus::Outgoing;
 use crate::bus::memory::MAX_IDEMPOTENCY_KEY_LEN;
 use crate::protocol::{ChannelName, ErrorCode, SessionId};
 
-/// Refuses `/v1/*` without the configured API key.
+/// Who may call `/v1/*`, decided from the config, the socket's peer and
+/// the presented key alone (no I/O, so every case has a table test).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiAccess {
+    Allowed,
+    /// `--api-key` is set and the request did not carry it.
+    WrongKey,
+    /// No `--api-key`, no `--insecure-api`, and the peer is not loopback.
+    NotLoopback,
+}
+
+/// The gate of the backend API. With a key, every peer (loopback too) must
+/// present it; without one, only loopback peers get in unless the operator
+/// opened it on purpose with `--insecure-api`. `peer` comes from the
+/// accepted socket, never from a header a client could forge; an unknown
+/// peer counts as remote.
+pub fn api_access(
+    api_key: Option<&str>,
+    insecure_api: bool,
+    peer: Option<IpAddr>,
+    authorization: Option<&str>,
+) -> ApiAccess {
+    if let Some(expected) = api_key {
+        let presented = authorization.and_then(|v| v.strip_prefix("Bearer "));
+        return if presented.is_some_and(|p| api_key_matches(expected, p)) {
+            ApiAccess::Allowed
+        } else {
+            ApiAccess::WrongKey
+        };
+    }
+    if insecure_api || peer.is_some_and(is_loopback) {
+        ApiAccess::Allowed
+    } else {
+        ApiAccess::NotLoopback
+    }
+}
+
+/// 127.0.0.0/8, ::1, and IPv4-mapped loopback (`::ffff:127.0.0.1`, what a
+/// dual-stack `[::]` listener sees for an IPv4 loopback client).
+pub fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
+/// Refuses `/v1/*` to callers [`api_access`] does not allow.
 pub async fn require_api_key(
     State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
 ) -> Response {
-    if let Some(expected) = &state.config.api_key {
-        let presented = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let ok = presented.is_some_and(|p| api_key_matches(&expected.0, p));
-        if !ok {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let access = api_access(
+        state.config.api_key.as_ref().map(|k| k.0.as_str()),
+        state.config.insecure_api,
+        peer,
+        authorization,
+    );
+    match access {
+        ApiAccess::Allowed => next.run(request).await,
+        ApiAccess::WrongKey => {
             count(&state, "auth", StatusCode::UNAUTHORIZED);
-            return ApiError::new(
+            ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::Unauthorized,
                 "missing or wrong API key (Authorization: Bearer <key>)",
             )
-            .into_response();
+            .into_response()
+        }
+        ApiAccess::NotLoopback => {
+            count(&state, "auth_not_loopback", StatusCode::UNAUTHORIZED);
+            tracing::debug!(peer = ?peer, "backend API refused to a non-loopback peer");
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                NOT_LOOPBACK_MESSAGE,
+            )
+            .into_response()
         }
     }
-    next.run(request).await
 }
 
-#[derive(Deserialize)]
+/// What a remote caller of a pod without `--api-key` is told.
+pub const NOT_LOOPBACK_MESSAGE: &str = "the backend API answers only loopback peers when no \
+     --api-key is set: start the pod with --api-key (and send Authorization: Bearer <key>), \
+     or open it to the network on purpose with --insecure-api";
+
+/// The body of both message POSTs: `{"data":<json>}`. `data` borrows
+/// from the request body: the message is never copied while parsing.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct MessageBody {
-    data: Box<RawValue>,
+pub struct MessageBody<'a> {
+    #[serde(borrow)]
+    pub data: &'a RawValue,
 }
 
-/// Reads `{"data":<json>}`; the router caps bodies at the frame size limit.
-fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<MessageBody, ApiError> {
-    let body = body.map_err(|rejection| {
+/// Parses a message POST's body. Pure, so it is fuzzed (`fuzz/`); the
+/// router caps `body` at `--max-frame-bytes` before it gets here, and
+/// nothing here allocates more than the error message.
+pub fn parse_message_body(body: &[u8]) -> Result<MessageBody<'_>, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("body must be {{\"data\": <json>}}: {e}")))
+}
+
+/// Checks an `Idempotency-Key` header value: 1 to
+/// [`MAX_IDEMPOTENCY_KEY_LEN`] characters, each visible ASCII, space or tab
+/// (what `HeaderValue::to_str` accepts). Pure and fuzzed like the body.
+pub fn parse_idempotency_key(value: &[u8]) -> Result<&str, ApiError> {
+    let printable = value
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+    if !printable {
+        return Err(ApiError::bad_request(
+            "Idempotency-Key must be visible ASCII",
+        ));
+    }
+    if value.is_empty() || value.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(ApiError::bad_request(format!(
+            "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"
+        )));
+    }
+    std::str::from_utf8(value)
+        .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))
+}
+
+/// The body as axum read it, or why it could not (too large: 413).
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -66,24 +165,14 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<MessageBody, ApiErr
         } else {
             ApiError::bad_request(rejection.body_text())
         }
-    })?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("body must be {{\"data\": <json>}}: {e}")))
+    })
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
-    let Some(value) = headers.get("idempotency-key") else {
-        return Ok(None);
-    };
-    let key = value
-        .to_str()
-        .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?;
-    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
-        return Err(ApiError::bad_request(format!(
-            "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"
-        )));
-    }
-    Ok(Some(key))
+    headers
+        .get("idempotency-key")
+        .map(|value| parse_idempotency_key(value.as_bytes()))
+        .transpose()
 }
 
 fn session_id(raw: &str) -> Result<SessionId, ApiError> {
@@ -114,10 +203,11 @@ pub async fn send_to_session(
 ) -> Response {
     let result = async {
         let session = session_id(&session)?;
-        let body = parse_body(body)?;
+        let bytes = body_bytes(body)?;
+        let body = parse_message_body(&bytes)?;
         let key = idempotency_key(&headers)?;
         let msg = Outgoing {
-            data: &body.data,
+            data: body.data,
             from: None,
             idempotency_key: key,
         };
@@ -138,10 +228,11 @@ pub async fn publish(
     let result = async {
         let channel =
             ChannelName::parse(&channel).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let body = parse_body(body)?;
+        let bytes = body_bytes(body)?;
+        let body = parse_message_body(&bytes)?;
         let key = idempotency_key(&headers)?;
         let msg = Outgoing {
-            data: &body.data,
+            data: body.data,
             from: None,
             idempotency_key: key,
         };
@@ -209,4 +300,89 @@ pub async fn fleet(State(state): State<Arc<AppState>>) -> Response {
     }
     .await;
     finish(&state, "fleet", result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn loopback_is_127_8_and_ipv6_one_and_their_mapped_forms() {
+        for yes in ["127.0.0.1", "127.255.0.9", "::1", "::ffff:127.0.0.1"] {
+            assert!(is_loopback(yes.parse().unwrap()), "{yes}");
+        }
+        for no in [
+            "10.0.0.1",
+            "192.0.2.1",
+            "0.0.0.0",
+            "::",
+            "::ffff:10.0.0.1",
+            "fe80::1",
+            "128.0.0.1",
+        ] {
+            assert!(!is_loopback(no.parse().unwrap()), "{no}");
+        }
+    }
+
+    #[test]
+    fn the_backend_api_is_closed_to_the_network_by_default() {
+        use ApiAccess::*;
+        let key = Some("k3y");
+        // (api key, --insecure-api, socket peer, Authorization header, verdict)
+        type Case = (
+            Option<&'static str>,
+            bool,
+            Option<IpAddr>,
+            Option<&'static str>,
+            ApiAccess,
+        );
+        let cases: &[Case] = &[
+            // No key: loopback only.
+            (None, false, ip("127.0.0.1"), None, Allowed),
+            (None, false, ip("::1"), None, Allowed),
+            (None, false, ip("::ffff:127.0.0.1"), None, Allowed),
+            (None, false, ip("10.1.2.3"), None, NotLoopback),
+            (None, false, ip("::ffff:10.1.2.3"), None, NotLoopback),
+            // A header cannot stand in for the socket's peer, nor a bearer
+            // for a key nobody configured.
+            (
+                None,
+                false,
+                ip("10.1.2.3"),
+                Some("Bearer anything"),
+                NotLoopback,
+            ),
+            // Unknown peer (no socket info): remote.
+            (None, false, None, None, NotLoopback),
+            // Opened on purpose.
+            (None, true, ip("10.1.2.3"), None, Allowed),
+            (None, true, None, None, Allowed),
+            // With a key, everyone needs it, loopback included.
+            (key, false, ip("10.1.2.3"), Some("Bearer k3y"), Allowed),
+            (key, false, ip("127.0.0.1"), Some("Bearer k3y"), Allowed),
+            (key, false, ip("127.0.0.1"), None, WrongKey),
+            (key, false, ip("10.1.2.3"), None, WrongKey),
+            (key, false, ip("10.1.2.3"), Some("Bearer k3"), WrongKey),
+            (key, false, ip("10.1.2.3"), Some("k3y"), WrongKey),
+            (key, false, ip("10.1.2.3"), Some("Basic k3y"), WrongKey),
+            (key, true, ip("10.1.2.3"), None, WrongKey),
+        ];
+        for &(api_key, insecure, peer, auth, want) in cases {
+            assert_eq!(
+                api_access(api_key, insecure, peer, auth),
+                want,
+                "key={api_key:?} insecure={insecure} peer={peer:?} auth={auth:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_refusal_names_both_ways_in() {
+        assert!(NOT_LOOPBACK_MESSAGE.contains("--api-key"));
+        assert!(NOT_LOOPBACK_MESSAGE.contains("--insecure-api"));
+    }
 }

@@ -988,7 +988,6 @@ mod tests {
             None,
             metrics.clone(),
             &tracker,
-            CancellationToken::new(),
         );
         Arc::new(AppState {
             auth: Authenticator::from_config(&config).unwrap(),
@@ -1332,6 +1331,9 @@ mod tests {
         }
         async fn check(&self) -> crate::bus::Result<()> {
             self.inner.check().await
+        }
+        fn close_local_connections(&self, reason: CloseReason) -> usize {
+            self.inner.close_local_connections(reason)
         }
     }
 

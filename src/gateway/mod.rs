@@ -27,6 +27,10 @@ use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use api::{
+    ApiAccess, MessageBody, api_access, is_loopback, parse_idempotency_key, parse_message_body,
+};
+pub use error::ApiError;
 pub use server::{Gateway, StartError, shutdown_signal};
 
 use crate::auth::Authenticator;

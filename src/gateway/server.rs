@@ -13,11 +13,13 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 
 use super::{AppState, router};
 use crate::auth::Authenticator;
@@ -31,6 +33,12 @@ use crate::upstream::Upstream;
 
 /// Extra time after the drain window for the last closes and HTTP requests.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// How long connections still open after the drain window (and its grace)
+/// get to send their 1001 close and their disconnect event.
+const SHUTDOWN_CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long queued webhook events get, once the last connection is gone,
+/// to be delivered (retries included) before the process exits without them.
+const WEBHOOK_FLUSH: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -133,7 +141,6 @@ impl Gateway {
             config.webhook_url.clone(),
             metrics.clone(),
             &tracker,
-            shutdown.clone(),
         );
         let state = Arc::new(AppState {
             config,
@@ -185,8 +192,18 @@ impl Gateway {
         ));
         signal.await;
         drain(&state).await;
+        close_leftovers(&state).await;
         shutdown.cancel();
         let _ = accept.await;
+        // Connections are gone, so no new event can be queued: what is
+        // queued is delivered before the process exits.
+        if !state.upstream.finish(WEBHOOK_FLUSH).await {
+            state
+                .metrics
+                .shutdown_incomplete
+                .with_label_values(&["webhook"])
+                .inc();
+        }
         state.tracker.close();
         if tokio::time::timeout(DRAIN_GRACE, state.tracker.wait())
             .await
@@ -232,6 +249,37 @@ async fn drain(state: &AppState) {
     tracing::info!(left = state.pod.connections(), "drain finished");
 }
 
+/// Closes every connection the drain window did not see off with 1001
+/// (going away), as the protocol promises, instead of letting the exit cut
+/// them without a close frame. Waits briefly for their tasks to finish,
+/// which also queues their disconnect events before the webhook flush.
+async fn close_leftovers(state: &AppState) {
+    if state.pod.connections() == 0 {
+        return;
+    }
+    let asked = state
+        .bus
+        .close_local_connections(crate::protocol::close::CloseReason::Shutdown);
+    tracing::info!(
+        connections = state.pod.connections(),
+        asked,
+        "drain window over: closing the rest with 1001"
+    );
+    let deadline = Instant::now() + SHUTDOWN_CLOSE_GRACE;
+    while state.pod.connections() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = state.pod.connections();
+    if left > 0 {
+        state
+            .metrics
+            .shutdown_incomplete
+            .with_label_values(&["connections"])
+            .inc();
+        tracing::warn!(left, "connections still open at exit");
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     app: Router,
@@ -248,8 +296,8 @@ async fn accept_loop(
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors or a connection reset before we got
                 // to it: log, breathe, keep accepting.
@@ -259,7 +307,14 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        // The peer as the socket saw it: the `/v1/*` gate trusts this, never
+        // a header (X-Forwarded-For and friends are the client's to forge).
+        let service = TowerToHyperService::new(app.clone().map_request(
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                request
+            },
+        ));
         let (http, shutdown) = (http.clone(), shutdown.clone());
         tracker.spawn(async move {
             let conn = http

@@ -46,6 +46,9 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// Upstream events by sink (`webhook`, `stream`) and outcome.
     pub upstream_events: IntCounterVec,
+    /// Shutdowns that exited with work left (`connections` still open after
+    /// the 1001 closes, `webhook` events abandoned after the flush window).
+    pub shutdown_incomplete: IntCounterVec,
     /// Inbound frames dropped by the per-connection rate limit.
     pub frames_rate_limited: IntCounter,
     /// `refresh` frames by result (`ok`, `unauthorized`, `forbidden`, `bad_request`).
@@ -192,6 +195,12 @@ impl Metrics {
                 "wsfleet_upstream_events_total",
                 "Upstream events, by sink and outcome",
                 &["sink", "outcome"]
+            ),
+            shutdown_incomplete: counter!(
+                r,
+                "wsfleet_shutdown_incomplete_total",
+                "Shutdowns that exited with connections open or webhook events undelivered",
+                &["what"]
             ),
             frames_rate_limited: counter!(
                 r,

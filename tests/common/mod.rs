@@ -34,7 +34,12 @@ pub struct Server {
 impl Server {
     /// Starts a gateway with the given extra flags on 127.0.0.1:0.
     pub async fn start(flags: &[&str]) -> Server {
-        let mut args = vec!["--listen", "127.0.0.1:0", "--pod-name", "pod-test"];
+        Self::start_on("127.0.0.1:0", flags).await
+    }
+
+    /// Starts a gateway listening on `listen` (e.g. a test namespace's address).
+    pub async fn start_on(listen: &str, flags: &[&str]) -> Server {
+        let mut args = vec!["--listen", listen, "--pod-name", "pod-test"];
         args.extend_from_slice(flags);
         let config = ServeConfig::from_args(args).expect("flags parse");
         let gateway = Gateway::bind(config).await.expect("gateway starts");

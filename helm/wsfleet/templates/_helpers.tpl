@@ -134,10 +134,36 @@ at all. Used both to render the Secret and to decide which env vars point at it.
 {{- $k := .Values.secret.keys }}
 {{- $d := dict }}
 {{- if .Values.auth.jwt.hs256Secret }}{{ $_ := set $d $k.jwtHs256Secret .Values.auth.jwt.hs256Secret }}{{ end }}
-{{- if .Values.apiKey }}{{ $_ := set $d $k.apiKey .Values.apiKey }}{{ end }}
+{{- $apiKey := include "wsfleet.apiKey" . }}
+{{- if $apiKey }}{{ $_ := set $d $k.apiKey $apiKey }}{{ end }}
 {{- if and (not .Values.redis.enabled) .Values.redis.url }}{{ $_ := set $d $k.redisUrl .Values.redis.url }}{{ end }}
 {{- if and .Values.redis.enabled .Values.redis.auth.enabled .Values.redis.auth.password }}{{ $_ := set $d $k.redisPassword .Values.redis.auth.password }}{{ end }}
 {{- toJson $d }}
+{{- end }}
+
+{{/*
+The backend API key of the chart's Secret: `apiKey` when given; else the
+one the release's Secret already holds (so upgrades keep it and backends
+keep working); else a new random one. Empty only with secret.existingSecret
+(the chart cannot see or write that one) or generateApiKey=false. Memoised
+in .Values so every include in one render sees the same random key.
+*/}}
+{{- define "wsfleet.apiKey" -}}
+{{- if .Values.apiKey }}
+{{- .Values.apiKey }}
+{{- else if and (not .Values.secret.existingSecret) .Values.generateApiKey }}
+{{- if not (hasKey .Values "_generatedApiKey") }}
+{{- $key := "" }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "wsfleet.secretName" .) }}
+{{- if and $existing $existing.data (hasKey $existing.data .Values.secret.keys.apiKey) }}
+{{- $key = index $existing.data .Values.secret.keys.apiKey | b64dec }}
+{{- else }}
+{{- $key = randAlphaNum 40 }}
+{{- end }}
+{{- $_ := set .Values "_generatedApiKey" $key }}
+{{- end }}
+{{- index .Values "_generatedApiKey" }}
+{{- end }}
 {{- end }}
 
 {{/*

@@ -776,6 +776,15 @@ impl Bus for RedisBus {
         }
         Ok(())
     }
+
+    fn close_local_connections(&self, reason: CloseReason) -> usize {
+        let mut asked = 0;
+        for owner in self.sessions.iter() {
+            owner.mailbox.close(reason);
+            asked += 1;
+        }
+        asked
+    }
 }
 
 /// Whether a replay after `after` may be missing messages: `false` only

@@ -467,11 +467,7 @@ impl RedisBus {
         conn: &str,
     ) {
         let hint = Hint::Notice {
-            kind: if kind == "x" {
-                NoticeKind::TakenOver
-            } else {
-                NoticeKind::Kicked
-            },
+            kind: NoticeKind::from_tag(kind),
             inst: inst.to_string(),
             conn: conn.to_string(),
             session: session.clone(),

@@ -76,6 +76,25 @@ pub(super) enum NoticeKind {
     Kicked,
 }
 
+impl NoticeKind {
+    /// The one-letter tag inbox entries and hints carry: `x` taken over,
+    /// `k` kicked (anything else is treated as kicked).
+    pub fn from_tag(tag: &str) -> Self {
+        if tag == "x" {
+            NoticeKind::TakenOver
+        } else {
+            NoticeKind::Kicked
+        }
+    }
+
+    pub fn tag(self) -> char {
+        match self {
+            NoticeKind::TakenOver => 'x',
+            NoticeKind::Kicked => 'k',
+        }
+    }
+}
+
 impl Hint {
     pub fn encode(&self) -> String {
         match self {
@@ -87,10 +106,7 @@ impl Hint {
                 conn,
                 session,
             } => {
-                let k = match kind {
-                    NoticeKind::TakenOver => 'x',
-                    NoticeKind::Kicked => 'k',
-                };
+                let k = kind.tag();
                 // The session last: it may contain ':'.
                 format!("{k}:{inst}:{conn}:{session}")
             }
@@ -110,11 +126,7 @@ impl Hint {
                 let mut parts = rest.splitn(3, ':');
                 let (inst, conn, session) = (parts.next()?, parts.next()?, parts.next()?);
                 Some(Hint::Notice {
-                    kind: if kind == "x" {
-                        NoticeKind::TakenOver
-                    } else {
-                        NoticeKind::Kicked
-                    },
+                    kind: NoticeKind::from_tag(kind),
                     inst: inst.to_string(),
                     conn: conn.to_string(),
                     session: SessionId::parse(session).ok()?,

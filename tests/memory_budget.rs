@@ -26,13 +26,6 @@ const SLACK: u64 = 32 * 1024 * 1024;
 const SESSIONS: usize = 100_000;
 const IN_FLIGHT: usize = 64;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
     let kb: u64 = status
@@ -45,7 +38,7 @@ fn rss_bytes(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_budget_refuses_new_messages_and_bounds_rss() {
-    let port = free_port();
+    let port = common::redis::free_port();
     let mut child = tokio::process::Command::new(BIN)
         .args([
             "serve",

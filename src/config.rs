@@ -25,6 +25,194 @@ pub struct Cli {
 pub enum Command {
     /// Run a gateway pod (embedded mode without --redis-url).
     Serve(Box<ServeConfig>),
+    /// Size, drain and rebalance a fleet of gateway pods on Kubernetes
+    /// (docs/controller.md).
+    Controller(Box<ControllerConfig>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScaleMode {
+    /// Only export the figures (Prometheus, `GET /fleet` for KEDA); an HPA
+    /// or KEDA owns replicas.
+    Metrics,
+    /// Patch the Deployment's scale subresource: the controller is the
+    /// only writer of replicas (never together with an HPA on it).
+    Scale,
+}
+
+/// `wsfleet controller`: every flag, with defaults that suit a fleet of
+/// ~10,000 connections per pod.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControllerConfig {
+    /// Redis URL of the fleet (the pods' --redis-url): the pods' reports
+    /// and the controller's orders live there.
+    #[arg(long, env = "WSFLEET_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Secret,
+
+    /// PEM file of the CA that signed Redis's TLS certificate (rediss://).
+    #[arg(long, env = "WSFLEET_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// Milliseconds before a Redis command counts as failed.
+    #[arg(long, env = "WSFLEET_REDIS_TIMEOUT_MS", default_value_t = 2000)]
+    pub redis_timeout_ms: u64,
+
+    /// Address of the controller's own /metrics, /healthz, /readyz, /fleet.
+    #[arg(
+        long,
+        env = "WSFLEET_CONTROLLER_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
+    pub listen: SocketAddr,
+
+    /// Namespace of the gateway Deployment. Default: $POD_NAMESPACE, else
+    /// the client's default namespace.
+    #[arg(long, env = "WSFLEET_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Name of the gateway Deployment.
+    #[arg(long, env = "WSFLEET_DEPLOYMENT", default_value = "wsfleet")]
+    pub deployment: String,
+
+    /// Label selector of the gateway pods.
+    #[arg(
+        long,
+        env = "WSFLEET_POD_SELECTOR",
+        default_value = "app.kubernetes.io/name=wsfleet,app.kubernetes.io/component=gateway"
+    )]
+    pub pod_selector: String,
+
+    /// Who owns replicas: `metrics` (an HPA or KEDA) or `scale` (us).
+    #[arg(long, env = "WSFLEET_SCALE_MODE", value_enum, default_value_t = ScaleMode::Metrics)]
+    pub mode: ScaleMode,
+
+    /// Seconds between reconciliations.
+    #[arg(long, env = "WSFLEET_INTERVAL_S", default_value_t = 15)]
+    pub interval_s: u64,
+
+    /// Connections one pod should hold.
+    #[arg(long, env = "WSFLEET_TARGET_CONNECTIONS", default_value_t = 10_000)]
+    pub target_connections: usize,
+
+    /// Spare room kept above the load (0.2 = 20 %).
+    #[arg(long, env = "WSFLEET_HEADROOM", default_value_t = 0.2)]
+    pub headroom: f64,
+
+    #[arg(long, env = "WSFLEET_MIN_REPLICAS", default_value_t = 2)]
+    pub min_replicas: u32,
+
+    #[arg(long, env = "WSFLEET_MAX_REPLICAS", default_value_t = 50)]
+    pub max_replicas: u32,
+
+    /// Seconds the load must want more pods before scaling up.
+    #[arg(long, env = "WSFLEET_SCALE_UP_AFTER_S", default_value_t = 30)]
+    pub scale_up_after_s: u64,
+
+    /// Scale down only to the most pods any tick asked for over this many
+    /// seconds.
+    #[arg(long, env = "WSFLEET_SCALE_DOWN_WINDOW_S", default_value_t = 600)]
+    pub scale_down_window_s: u64,
+
+    /// Pods removed per scale-down step at most.
+    #[arg(long, env = "WSFLEET_SCALE_DOWN_STEP", default_value_t = 1)]
+    pub scale_down_step: u32,
+
+    /// Seconds between scale-down steps at least.
+    #[arg(long, env = "WSFLEET_SCALE_DOWN_EVERY_S", default_value_t = 120)]
+    pub scale_down_every_s: u64,
+
+    /// Hysteresis: a scale-down must still fit with this much more load
+    /// (0.1 = 10 %).
+    #[arg(long, env = "WSFLEET_SCALE_TOLERANCE", default_value_t = 0.1)]
+    pub scale_tolerance: f64,
+
+    /// Seconds a scale-down victim may take to drain before replicas go
+    /// down anyway (the gateway's --drain-s plus its grace).
+    #[arg(long, env = "WSFLEET_DRAIN_TIMEOUT_S", default_value_t = 60)]
+    pub drain_timeout_s: u64,
+
+    /// Rebalance long-lived connections after a scale-out.
+    #[arg(long, env = "WSFLEET_REBALANCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub rebalance: bool,
+
+    /// A pod more than this fraction above the fleet average sheds
+    /// (0.1 = 10 %).
+    #[arg(long, env = "WSFLEET_REBALANCE_TOLERANCE", default_value_t = 0.1)]
+    pub rebalance_tolerance: f64,
+
+    /// Connections one pod sheds per second at most.
+    #[arg(long, env = "WSFLEET_SHED_PER_POD_PER_S", default_value_t = 100)]
+    pub shed_per_pod_per_s: u32,
+
+    /// Fraction of the fleet's connections shed per minute at most, all
+    /// pods together (0.05 = 5 %).
+    #[arg(
+        long,
+        env = "WSFLEET_SHED_FLEET_FRACTION_PER_MIN",
+        default_value_t = 0.05
+    )]
+    pub shed_fleet_fraction_per_min: f64,
+
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "WSFLEET_LEASE_NAME", default_value = "wsfleet-controller")]
+    pub lease_name: String,
+
+    /// Seconds the leader's Lease lasts without renewal.
+    #[arg(long, env = "WSFLEET_LEASE_S", default_value_t = 15)]
+    pub lease_s: u64,
+
+    /// This replica's identity in the Lease. Default: $POD_NAME, else the
+    /// hostname.
+    #[arg(long, env = "WSFLEET_IDENTITY")]
+    pub identity: Option<String>,
+
+    #[arg(long, env = "WSFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl ControllerConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (value, name) in [
+            (self.interval_s, "--interval-s"),
+            (self.target_connections as u64, "--target-connections"),
+            (self.lease_s, "--lease-s"),
+            (self.max_replicas as u64, "--max-replicas"),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        if self.min_replicas > self.max_replicas {
+            return Err(ConfigError::Bounds("--min-replicas", "--max-replicas"));
+        }
+        for (value, name) in [
+            (self.headroom, "--headroom"),
+            (self.scale_tolerance, "--scale-tolerance"),
+            (self.rebalance_tolerance, "--rebalance-tolerance"),
+            (
+                self.shed_fleet_fraction_per_min,
+                "--shed-fleet-fraction-per-min",
+            ),
+        ] {
+            if !(0.0..=10.0).contains(&value) {
+                return Err(ConfigError::Fraction(name));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn resolved_identity(&self) -> String {
+        self.identity
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok().filter(|n| !n.is_empty()))
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+            })
+            .unwrap_or_else(|| "wsfleet-controller".to_string())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -251,6 +439,10 @@ pub enum ConfigError {
     Empty(&'static str),
     #[error("--redis-wait-replicas works with a single Redis primary, not with --redis-cluster")]
     WaitWithCluster,
+    #[error("{0} must not be greater than {1}")]
+    Bounds(&'static str, &'static str),
+    #[error("{0} must be a non-negative fraction (0.1 = 10 %)")]
+    Fraction(&'static str),
 }
 
 impl ServeConfig {

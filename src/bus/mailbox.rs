@@ -129,6 +129,12 @@ impl Mailbox {
     pub fn is_closed(&self) -> bool {
         self.shared.lock().receiver_gone
     }
+
+    /// Whether the connection is gone or already asked to close.
+    pub fn is_leaving(&self) -> bool {
+        let state = self.shared.lock();
+        state.receiver_gone || state.close.is_some()
+    }
 }
 
 impl Inbox {

@@ -681,6 +681,19 @@ impl Bus for MemoryBus {
         }
         asked
     }
+
+    fn shed_local_connections(
+        &self,
+        count: usize,
+        reason: &mut dyn FnMut() -> CloseReason,
+    ) -> usize {
+        let local = self
+            .sessions
+            .iter()
+            .filter_map(|s| s.owner.as_ref().map(|o| (o.holder.conn, o.mailbox.clone())))
+            .collect();
+        crate::bus::shed_oldest(local, count, reason)
+    }
 }
 
 #[cfg(test)]

@@ -200,6 +200,40 @@ pub trait Bus: Send + Sync + 'static {
     /// with `reason` (shutdown: the drain window is over). Returns how many
     /// were asked. Never waits: it only posts to their mailboxes.
     fn close_local_connections(&self, reason: CloseReason) -> usize;
+
+    /// Asks up to `count` of this pod's connections to leave, the
+    /// longest-connected first (rebalancing: they are the least likely to
+    /// be mid-handshake with the application, and the choice is stable).
+    /// `reason` is asked once per connection (each gets its own jitter).
+    /// Returns how many were asked; never waits.
+    fn shed_local_connections(
+        &self,
+        count: usize,
+        reason: &mut dyn FnMut() -> CloseReason,
+    ) -> usize;
+}
+
+/// The `count` oldest of `local` (connection ids grow with connection
+/// time on one pod), asked to close. Shared by both buses.
+pub(crate) fn shed_oldest(
+    mut local: Vec<(ConnId, Mailbox)>,
+    count: usize,
+    reason: &mut dyn FnMut() -> CloseReason,
+) -> usize {
+    // One already asked to close (by an earlier batch, a takeover) is
+    // leaving anyway: asking it again would shed fewer than ordered.
+    local.retain(|(_, mailbox)| !mailbox.is_leaving());
+    if count == 0 || local.is_empty() {
+        return 0;
+    }
+    let count = count.min(local.len());
+    if count < local.len() {
+        local.select_nth_unstable_by_key(count - 1, |(conn, _)| *conn);
+    }
+    for (_, mailbox) in &local[..count] {
+        mailbox.close(reason());
+    }
+    count
 }
 
 /// Milliseconds since the Unix epoch, the clock of offsets and retention.

@@ -101,7 +101,9 @@ impl End {
 
     fn from_reason(reason: CloseReason) -> Self {
         let notice = match reason {
-            CloseReason::Drain { after_ms } => Some(frame::reconnect(after_ms)),
+            CloseReason::Drain { after_ms } | CloseReason::Rebalance { after_ms } => {
+                Some(frame::reconnect(after_ms))
+            }
             _ => None,
         };
         End::Close {
@@ -286,7 +288,7 @@ impl Connection {
         let mut awaiting_pong = false;
         let timer = tokio::time::sleep_until(self.next_wake(next_heartbeat, drain_at));
         tokio::pin!(timer);
-        let drain = self.state.drain.clone();
+        let drain = self.state.pod.drain_token();
         let drained = drain.cancelled();
         tokio::pin!(drained);
 
@@ -997,7 +999,6 @@ mod tests {
             metrics,
             upstream,
             tracker,
-            drain: CancellationToken::new(),
             next_conn_id: AtomicU64::new(1),
         })
     }
@@ -1334,6 +1335,13 @@ mod tests {
         }
         fn close_local_connections(&self, reason: CloseReason) -> usize {
             self.inner.close_local_connections(reason)
+        }
+        fn shed_local_connections(
+            &self,
+            count: usize,
+            reason: &mut dyn FnMut() -> CloseReason,
+        ) -> usize {
+            self.inner.shed_local_connections(count, reason)
         }
     }
 

@@ -19,6 +19,8 @@ pub async fn healthz() -> Json<serde_json::Value> {
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let reason = if state.pod.is_draining() {
         Some("draining".to_string())
+    } else if state.pod.is_shedding() {
+        Some("shedding".to_string())
     } else if state.pod.is_full() {
         Some(format!("at capacity ({} connections)", state.pod.capacity))
     } else if let Err(e) = state.bus.check().await {

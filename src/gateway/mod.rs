@@ -3,6 +3,7 @@
 //!
 //! * `server`     - accept loop, HTTP/1 connections, graceful drain
 //! * `upgrade`    - `GET /ws`: checks before the upgrade (origin, auth, capacity)
+//! * `control`    - orders from the controller: shed connections, drain
 //! * `connection` - the one task that owns one WebSocket for its whole life
 //! * `order`      - what a connection has written per log, and what to do next (pure)
 //! * `rate`       - inbound frame rate limit and the policy for abusers (pure)
@@ -12,6 +13,7 @@
 
 mod api;
 mod connection;
+mod control;
 mod error;
 mod health;
 mod order;
@@ -24,7 +26,6 @@ use std::sync::atomic::AtomicU64;
 
 use axum::Router;
 use axum::routing::{get, post};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use api::{
@@ -51,9 +52,6 @@ pub struct AppState {
     /// Tracks every connection task so shutdown can wait for them (axum's
     /// graceful shutdown does not see upgraded connections).
     pub tracker: TaskTracker,
-    /// Cancelled when the pod starts draining; each connection then picks
-    /// its own moment within the drain window to leave.
-    pub drain: CancellationToken,
     /// Source of per-pod connection ids.
     pub next_conn_id: AtomicU64,
 }

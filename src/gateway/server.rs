@@ -150,7 +150,6 @@ impl Gateway {
             auth,
             upstream,
             tracker,
-            drain: CancellationToken::new(),
             next_conn_id: AtomicU64::new(1),
         });
         Ok(Self {
@@ -190,6 +189,9 @@ impl Gateway {
             shutdown.clone(),
             header_timeout,
         ));
+        state
+            .tracker
+            .spawn(super::control::run(state.clone(), shutdown.clone()));
         signal.await;
         drain(&state).await;
         close_leftovers(&state).await;
@@ -241,7 +243,6 @@ async fn drain(state: &AppState) {
     );
     state.pod.start_draining();
     state.metrics.draining.set(1);
-    state.drain.cancel();
     let deadline = Instant::now() + window + DRAIN_GRACE;
     while state.pod.connections() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

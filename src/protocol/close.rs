@@ -28,6 +28,8 @@ pub enum CloseReason {
     Kicked,
     /// The pod is draining: tell the client when to come back.
     Drain { after_ms: u64 },
+    /// The controller is rebalancing the fleet: reconnect (elsewhere).
+    Rebalance { after_ms: u64 },
     /// The process is exiting now.
     Shutdown,
 }
@@ -38,7 +40,7 @@ impl CloseReason {
             CloseReason::TakenOver => TAKEN_OVER,
             CloseReason::SlowConsumer => TRY_LATER,
             CloseReason::Kicked => NORMAL,
-            CloseReason::Drain { .. } => RESTART,
+            CloseReason::Drain { .. } | CloseReason::Rebalance { .. } => RESTART,
             CloseReason::Shutdown => GOING_AWAY,
         }
     }
@@ -51,6 +53,7 @@ impl CloseReason {
             }
             CloseReason::Kicked => "session closed by the backend",
             CloseReason::Drain { .. } => "pod draining, reconnect",
+            CloseReason::Rebalance { .. } => "rebalancing the fleet, reconnect",
             CloseReason::Shutdown => "pod shutting down",
         }
     }

@@ -64,6 +64,12 @@ pub struct Metrics {
     pub retained_bytes: IntGauge,
     /// Messages refused because a memory limit was reached, by limit.
     pub bus_refusals: IntCounterVec,
+    /// 1 while a shedding order from the controller runs.
+    pub shedding: IntGauge,
+    /// Controller orders taken, by action (`shed`, `drain`).
+    pub orders: IntCounterVec,
+    /// Connections asked to reconnect elsewhere by a shedding order.
+    pub connections_shed: IntCounter,
 }
 
 /// Metric construction only fails on invalid names or duplicate
@@ -105,6 +111,21 @@ impl Metrics {
                 "Most WebSocket connections this pod accepts",
             ),
             draining: gauge("wsfleet_draining", "1 while the pod drains"),
+            shedding: gauge(
+                "wsfleet_shedding",
+                "1 while the pod sheds connections for the controller",
+            ),
+            orders: counter!(
+                r,
+                "wsfleet_orders_total",
+                "Orders taken from the controller, by action",
+                &["action"]
+            ),
+            connections_shed: counter!(
+                r,
+                "wsfleet_connections_shed_total",
+                "Connections asked to reconnect elsewhere by a shedding order"
+            ),
             connections_opened: counter!(
                 r,
                 "wsfleet_connections_opened_total",

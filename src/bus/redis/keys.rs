@@ -91,6 +91,10 @@ pub fn memory_probe(pod: &str) -> String {
 /// Hash: pod name -> JSON status with its expiry, for `GET /v1/fleet`.
 pub const FLEET: &str = "wsf:fleet";
 
+/// Hash: pod name -> the controller's newest order for it (JSON
+/// [`crate::pod::Order`]). Pods read their field every upkeep tick.
+pub const CONTROL: &str = "wsf:ctl";
+
 /// Consumer group every pod uses on its own inbox.
 pub const INBOX_GROUP: &str = "pod";
 

@@ -40,6 +40,7 @@ mod fanout;
 mod inbox;
 mod keys;
 mod ownership;
+mod registry;
 mod repair;
 mod replicas;
 pub mod scripts;
@@ -64,6 +65,7 @@ use conn::{BusMetrics, Conn, Effect};
 use fanout::LocalChannel;
 use keys::{ChannelKeys, SessionKeys};
 use ownership::LocalOwner;
+pub use registry::{FleetRegistry, PodReport};
 use repair::{Hint, HintQueue, NoticeKind, RepairMetrics};
 use replicas::{ReplicaRounds, ReplicaWait};
 
@@ -780,6 +782,19 @@ impl Bus for RedisBus {
             asked += 1;
         }
         asked
+    }
+
+    fn shed_local_connections(
+        &self,
+        count: usize,
+        reason: &mut dyn FnMut() -> CloseReason,
+    ) -> usize {
+        let local = self
+            .sessions
+            .iter()
+            .map(|o| (o.local.claim.holder.conn, o.mailbox.clone()))
+            .collect();
+        crate::bus::shed_oldest(local, count, reason)
     }
 }
 

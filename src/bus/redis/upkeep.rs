@@ -1,6 +1,7 @@
 //! The pod's periodic upkeep, every lease/3: publish its status, keep its
 //! inbox alive, renew its sessions' leases (the fence, `ownership.rs`) and
-//! its channel memberships, and report its pending inbox entries.
+//! its channel memberships, report its pending inbox entries, and pick up
+//! the controller's order for it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +48,7 @@ async fn once(bus: &RedisBus) {
         .await;
 
     bus.renew_sessions().await;
+    read_order(bus, &mut conn).await;
 
     let channels: Vec<ChannelName> = bus.channels.iter().map(|e| e.key().clone()).collect();
     for channel in channels {
@@ -70,5 +72,26 @@ async fn once(bus: &RedisBus) {
         && let Some(redis::Value::Int(n)) = summary.first()
     {
         bus.bus_metrics.pending.set(*n);
+    }
+}
+
+/// The controller's newest order for this pod, handed to the pod (which
+/// runs each order once). A malformed order is logged and skipped: the
+/// controller and the pod may be different versions.
+async fn read_order(bus: &RedisBus, conn: &mut super::conn::Conn) {
+    let Ok(Some(json)) = bus
+        .call::<Option<String>>("hget", conn.hget(keys::CONTROL, &bus.pod.name))
+        .await
+    else {
+        return;
+    };
+    match serde_json::from_str::<crate::pod::Order>(&json) {
+        Ok(order) => {
+            let id = order.id.clone();
+            if bus.pod.offer_order(order) {
+                tracing::info!(order = %id, "order from the controller");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "unreadable order from the controller"),
     }
 }

@@ -164,3 +164,156 @@ fn patch_params() -> PatchParams {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::mock_api::{self, expect};
+    use super::*;
+
+    #[tokio::test]
+    async fn replicas_are_read_and_written_through_the_scale_subresource() {
+        let (client, mut api) = mock_api::client();
+        let cluster = Cluster::new(client, "fleet", "wsfleet", "ctl-0");
+        let reader = tokio::spawn({
+            let c = cluster.clone();
+            async move { c.replicas().await }
+        });
+        let seen = expect(&mut api, 200, mock_api::scale(4)).await;
+        assert_eq!(seen.method, "GET");
+        assert_eq!(
+            seen.uri,
+            "/apis/apps/v1/namespaces/fleet/deployments/wsfleet/scale"
+        );
+        assert_eq!(reader.await.expect("task").expect("replicas"), 4);
+
+        let writer = tokio::spawn({
+            let c = cluster.clone();
+            async move { c.set_replicas(6).await }
+        });
+        let seen = expect(&mut api, 200, mock_api::scale(6)).await;
+        assert_eq!(seen.method, "PATCH");
+        assert!(
+            seen.uri
+                .starts_with("/apis/apps/v1/namespaces/fleet/deployments/wsfleet/scale?"),
+            "{}",
+            seen.uri
+        );
+        assert!(
+            seen.uri.contains("fieldManager=wsfleet-controller"),
+            "{}",
+            seen.uri
+        );
+        assert_eq!(
+            seen.content_type.as_deref(),
+            Some("application/merge-patch+json")
+        );
+        assert_eq!(seen.body, json!({"spec": {"replicas": 6}}));
+        writer.await.expect("task").expect("patched");
+    }
+
+    #[tokio::test]
+    async fn deletion_costs_are_set_and_removed_on_the_pod_alone() {
+        let (client, mut api) = mock_api::client();
+        let cluster = Cluster::new(client, "fleet", "wsfleet", "ctl-0");
+        let c = cluster.clone();
+        let set = tokio::spawn(async move { c.set_deletion_cost("wsfleet-a", Some(-1000)).await });
+        let seen = expect(&mut api, 200, mock_api::pod("wsfleet-a")).await;
+        assert_eq!(seen.method, "PATCH");
+        assert!(
+            seen.uri
+                .starts_with("/api/v1/namespaces/fleet/pods/wsfleet-a?")
+        );
+        assert_eq!(
+            seen.body,
+            json!({"metadata": {"annotations": {DELETION_COST: "-1000"}}})
+        );
+        set.await.expect("task").expect("set");
+
+        let c = cluster.clone();
+        let clear = tokio::spawn(async move { c.set_deletion_cost("wsfleet-a", None).await });
+        let seen = expect(&mut api, 200, mock_api::pod("wsfleet-a")).await;
+        // null removes the key in a merge patch
+        assert_eq!(
+            seen.body,
+            json!({"metadata": {"annotations": {DELETION_COST: null}}})
+        );
+        clear.await.expect("task").expect("cleared");
+    }
+
+    #[tokio::test]
+    async fn api_errors_come_back_typed_with_the_call_named() {
+        let (client, mut api) = mock_api::client();
+        let cluster = Cluster::new(client, "fleet", "wsfleet", "ctl-0");
+        let c = cluster.clone();
+        let write = tokio::spawn(async move { c.set_replicas(3).await });
+        expect(&mut api, 500, mock_api::status(500, "InternalError")).await;
+        let err = write.await.expect("task").expect_err("a 500 fails");
+        assert_eq!(err.stage(), "kube");
+        assert!(err.to_string().contains("patch scale"), "{err}");
+        let c = cluster.clone();
+        let write = tokio::spawn(async move { c.set_deletion_cost("p", Some(1)).await });
+        expect(&mut api, 403, mock_api::status(403, "Forbidden")).await;
+        assert!(write.await.expect("task").is_err());
+    }
+
+    #[tokio::test]
+    async fn events_name_the_deployment_and_the_decision() {
+        let (client, mut api) = mock_api::client();
+        let cluster = Cluster::new(client, "fleet", "wsfleet", "ctl-0");
+        let c = cluster.clone();
+        let publish = tokio::spawn(async move {
+            c.event(false, "ScaledUp", "Scale", "replicas 2 -> 3".into())
+                .await
+        });
+        let seen = expect(&mut api, 201, mock_api::event()).await;
+        assert_eq!(seen.method, "POST");
+        assert_eq!(seen.uri, "/apis/events.k8s.io/v1/namespaces/fleet/events?");
+        assert_eq!(seen.body["reason"], "ScaledUp");
+        assert_eq!(seen.body["action"], "Scale");
+        assert_eq!(seen.body["note"], "replicas 2 -> 3");
+        assert_eq!(seen.body["type"], "Normal");
+        assert_eq!(seen.body["regarding"]["kind"], "Deployment");
+        assert_eq!(seen.body["regarding"]["name"], "wsfleet");
+        assert_eq!(seen.body["reportingController"], "wsfleet-controller");
+        publish.await.expect("task");
+        // A refused Event is not fatal.
+        let c = cluster.clone();
+        let publish =
+            tokio::spawn(async move { c.event(true, "ScaledDown", "Scale", "x".into()).await });
+        expect(&mut api, 403, mock_api::status(403, "Forbidden")).await;
+        publish.await.expect("an Event failure does not panic");
+    }
+
+    #[test]
+    fn only_running_pods_not_being_deleted_are_alive() {
+        let pod = |phase: &str, deleting: bool| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {
+                    "name": "p",
+                    "deletionTimestamp": if deleting { Some("2026-01-01T00:00:00Z") } else { None },
+                    "annotations": {DELETION_COST: "-1000"}
+                },
+                "status": {"phase": phase}
+            }))
+            .expect("pod")
+        };
+        let view = PodView::from_pod(&pod("Running", false)).expect("named");
+        assert!(view.alive);
+        assert_eq!(view.deletion_cost.as_deref(), Some("-1000"));
+        assert!(
+            !PodView::from_pod(&pod("Running", true))
+                .expect("named")
+                .alive
+        );
+        assert!(
+            !PodView::from_pod(&pod("Pending", false))
+                .expect("named")
+                .alive
+        );
+        assert!(
+            !PodView::from_pod(&pod("Failed", false))
+                .expect("named")
+                .alive
+        );
+    }
+}

@@ -174,3 +174,152 @@ fn view_of(lease: &Lease) -> LeaseView {
         duration_ms: spec.lease_duration_seconds.unwrap_or(15).max(1) as u64 * 1000,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::mock_api::{self, expect};
+    use super::*;
+
+    const PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/fleet/leases";
+
+    fn elector(client: kube::Client, me: &str) -> Elector {
+        Elector::new(
+            Api::namespaced(client, "fleet"),
+            "wsfleet-controller",
+            me,
+            15_000,
+        )
+    }
+
+    fn rfc3339(ms: u64) -> String {
+        Timestamp::from_millisecond(ms as i64)
+            .expect("ts")
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn no_lease_yet_is_created_naming_us() {
+        let (client, mut api) = mock_api::client();
+        let now = crate::bus::now_ms();
+        let mut me = elector(client, "ctl-a");
+        let round = tokio::spawn(async move { (me.tick(now).await, me) });
+        let get = expect(&mut api, 404, mock_api::status(404, "NotFound")).await;
+        assert_eq!(
+            (get.method.as_str(), get.uri.as_str()),
+            ("GET", &*format!("{PATH}/wsfleet-controller"))
+        );
+        let create = expect(&mut api, 201, mock_api::lease("ctl-a", &rfc3339(now), "1")).await;
+        assert_eq!(create.method, "POST");
+        assert_eq!(create.uri, format!("{PATH}?"));
+        assert_eq!(create.body["spec"]["holderIdentity"], "ctl-a");
+        assert_eq!(create.body["spec"]["leaseDurationSeconds"], 15);
+        let (result, me) = round.await.expect("task");
+        assert_eq!(result.expect("round"), Leadership::Leader);
+        assert!(me.may_act(now + 1_000));
+        assert!(
+            !me.may_act(now + 10_001),
+            "stops a third of the lease early"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_live_lease_of_another_is_followed_without_writing() {
+        let (client, mut api) = mock_api::client();
+        let now = crate::bus::now_ms();
+        let mut me = elector(client, "ctl-b");
+        let round = tokio::spawn(async move { (me.tick(now).await, me) });
+        expect(
+            &mut api,
+            200,
+            mock_api::lease("ctl-a", &rfc3339(now - 2_000), "7"),
+        )
+        .await;
+        let (result, me) = round.await.expect("task");
+        assert_eq!(
+            result.expect("round"),
+            Leadership::Follower {
+                holder: Some("ctl-a".into())
+            }
+        );
+        assert!(!me.may_act(now));
+        // Nothing else was sent.
+        let mut api = api;
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(100), api.next_request())
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_is_taken_over_with_its_resource_version() {
+        let (client, mut api) = mock_api::client();
+        let now = crate::bus::now_ms();
+        let mut me = elector(client, "ctl-b");
+        let round = tokio::spawn(async move { (me.tick(now).await, me) });
+        expect(
+            &mut api,
+            200,
+            mock_api::lease("ctl-a", &rfc3339(now - 16_000), "7"),
+        )
+        .await;
+        let put = expect(&mut api, 200, mock_api::lease("ctl-b", &rfc3339(now), "8")).await;
+        assert_eq!(put.method, "PUT");
+        assert_eq!(put.uri, format!("{PATH}/wsfleet-controller?"));
+        assert_eq!(put.body["metadata"]["resourceVersion"], "7");
+        assert_eq!(put.body["spec"]["holderIdentity"], "ctl-b");
+        assert_eq!(put.body["spec"]["leaseTransitions"], 1);
+        let (result, _) = round.await.expect("task");
+        assert_eq!(result.expect("round"), Leadership::Leader);
+    }
+
+    #[tokio::test]
+    async fn losing_the_takeover_race_409_makes_us_follow() {
+        let (client, mut api) = mock_api::client();
+        let now = crate::bus::now_ms();
+        let mut me = elector(client, "ctl-b");
+        let round = tokio::spawn(async move { (me.tick(now).await, me) });
+        expect(
+            &mut api,
+            200,
+            mock_api::lease("ctl-a", &rfc3339(now - 16_000), "7"),
+        )
+        .await;
+        expect(&mut api, 409, mock_api::status(409, "Conflict")).await;
+        let (result, me) = round.await.expect("task");
+        assert_eq!(
+            result.expect("round"),
+            Leadership::Follower { holder: None }
+        );
+        assert!(!me.may_act(now));
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_cannot_renew_stops_acting_before_the_lease_ends() {
+        let (client, mut api) = mock_api::client();
+        let t0 = crate::bus::now_ms();
+        let mut me = elector(client, "ctl-a");
+        let round = tokio::spawn(async move { (me.tick(t0).await, me) });
+        expect(
+            &mut api,
+            200,
+            mock_api::lease("ctl-a", &rfc3339(t0 - 5_000), "3"),
+        )
+        .await;
+        let renew = expect(&mut api, 200, mock_api::lease("ctl-a", &rfc3339(t0), "4")).await;
+        assert_eq!(renew.body["metadata"]["resourceVersion"], "3");
+        let (result, mut me) = round.await.expect("task");
+        assert_eq!(result.expect("renewed"), Leadership::Leader);
+        // The API server fails from now on.
+        let t1 = t0 + 5_000;
+        let round = tokio::spawn(async move { (me.tick(t1).await, me) });
+        expect(&mut api, 503, mock_api::status(503, "ServiceUnavailable")).await;
+        let (result, me) = round.await.expect("task");
+        assert!(result.is_err());
+        assert!(me.may_act(t1), "still inside the safe part of the lease");
+        assert!(
+            !me.may_act(t0 + 10_000),
+            "stopped before anyone may take over at t0+15s"
+        );
+    }
+}

@@ -19,6 +19,8 @@ pub mod http;
 pub mod k8s;
 pub mod lease;
 pub mod metrics;
+#[cfg(test)]
+mod mock_api;
 pub mod reconcile;
 
 use std::sync::{Arc, RwLock};

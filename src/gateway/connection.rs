@@ -889,7 +889,6 @@ mod tests {
     use async_trait::async_trait;
     use serde_json::Value;
     use tokio::sync::mpsc;
-    use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
 
     use super::*;

@@ -407,10 +407,21 @@ pub fn rebalance(
     }
     let total: usize = serving.iter().map(|(_, r)| r.connections).sum();
     let average = total as f64 / serving.len() as f64;
-    let line = average * (1.0 + policy.tolerance);
+    // Out of balance when a pod is outside the tolerance band on either
+    // side (a pod far below average is as wrong as one far above: a new
+    // pod after a scale-out). Then every pod above the average gives down
+    // to it, most loaded first.
+    let upper = average * (1.0 + policy.tolerance);
+    let lower = average * (1.0 - policy.tolerance);
+    let outside = serving
+        .iter()
+        .any(|(_, r)| r.connections as f64 > upper || (r.connections as f64) < lower);
+    if !outside {
+        return Err(Balanced::Yes);
+    }
     let mut over: Vec<(&str, usize)> = serving
         .iter()
-        .filter(|(_, r)| r.connections as f64 > line)
+        .filter(|(_, r)| r.connections as f64 > average)
         .map(|(n, r)| {
             (
                 *n,
@@ -826,6 +837,16 @@ mod tests {
                 vec![pod("a", 900), pod("b", 900), pod("c", 900), pod("d", 0)],
                 // average 675: each full pod sheds 225 (within 1,000/interval)
                 Ok(vec![("a", 225), ("b", 225), ("c", 225)]),
+            ),
+            (
+                "none far above, one far below: the above-average pods give",
+                vec![pod("a", 16), pod("b", 16), pod("c", 16), pod("d", 12)],
+                Ok(vec![("a", 1), ("b", 1), ("c", 1)]),
+            ),
+            (
+                "inside the band on both sides",
+                vec![pod("a", 16), pod("b", 14), pod("c", 15)],
+                Err(Balanced::Yes),
             ),
             (
                 "one huge pod, per-pod rate caps it",

@@ -169,7 +169,7 @@ pub fn settings(config: &ControllerConfig) -> Settings {
             scale_down_every_ms: config.scale_down_every_s * 1000,
             tolerance: config.scale_tolerance,
         },
-        rebalance: config.rebalance.then(|| RebalancePolicy {
+        rebalance: config.rebalance.then_some(RebalancePolicy {
             tolerance: config.rebalance_tolerance,
             per_pod_per_s: config.shed_per_pod_per_s,
             fleet_fraction_per_min: config.shed_fleet_fraction_per_min,

@@ -1,0 +1,130 @@
+//! A fake Kubernetes API server for end-to-end controller tests: kube-rs's
+//! mock-service pattern (a `tower-test` pair) with a task that answers
+//! every request the controller makes from a little state, and records
+//! them for the test to assert on.
+
+use std::sync::{Arc, Mutex};
+
+use http::{Request, Response};
+use kube::Client;
+use kube::client::Body;
+use serde_json::{Value, json};
+
+/// One request the controller made.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub method: String,
+    pub path: String,
+    pub body: Value,
+}
+
+#[derive(Default)]
+pub struct ApiState {
+    pub replicas: i32,
+    pub calls: Vec<Call>,
+    lease: Option<Value>,
+    lease_version: u64,
+}
+
+#[derive(Clone)]
+pub struct FakeApi {
+    pub state: Arc<Mutex<ApiState>>,
+}
+
+impl FakeApi {
+    /// A client whose API server is this fake; the Deployment starts with
+    /// `replicas`.
+    pub fn start(replicas: i32) -> (Client, FakeApi) {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let api = FakeApi {
+            state: Arc::new(Mutex::new(ApiState {
+                replicas,
+                ..Default::default()
+            })),
+        };
+        let state = api.state.clone();
+        tokio::spawn(async move {
+            while let Some((request, respond)) = handle.next_request().await {
+                let method = request.method().to_string();
+                let path = request.uri().path().to_string();
+                let bytes = request
+                    .into_body()
+                    .collect_bytes()
+                    .await
+                    .unwrap_or_default();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let (status, answer) = answer(&state, &method, &path, &body);
+                state
+                    .lock()
+                    .expect("fake api state")
+                    .calls
+                    .push(Call { method, path, body });
+                let response = Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap_or_default()))
+                    .expect("response");
+                respond.send_response(response);
+            }
+        });
+        (Client::new(service, "fleet"), api)
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.state.lock().expect("fake api state").calls.clone()
+    }
+
+    pub fn replicas(&self) -> i32 {
+        self.state.lock().expect("fake api state").replicas
+    }
+}
+
+fn answer(state: &Mutex<ApiState>, method: &str, path: &str, body: &Value) -> (u16, Value) {
+    let mut s = state.lock().expect("fake api state");
+    let scale = |r: i32| {
+        json!({"kind":"Scale","apiVersion":"autoscaling/v1",
+               "metadata":{"name":"wsfleet","namespace":"fleet"},
+               "spec":{"replicas":r},"status":{"replicas":r}})
+    };
+    if path.ends_with("/deployments/wsfleet/scale") {
+        if method == "PATCH"
+            && let Some(r) = body["spec"]["replicas"].as_i64()
+        {
+            s.replicas = r as i32;
+        }
+        return (200, scale(s.replicas));
+    }
+    if path.contains("/leases") {
+        return match method {
+            "GET" => match &s.lease {
+                Some(l) => (200, l.clone()),
+                None => (404, not_found()),
+            },
+            _ => {
+                s.lease_version += 1;
+                let mut lease = body.clone();
+                lease["metadata"]["resourceVersion"] = json!(s.lease_version.to_string());
+                s.lease = Some(lease.clone());
+                (if method == "POST" { 201 } else { 200 }, lease)
+            }
+        };
+    }
+    if path.contains("/pods/") && method == "PATCH" {
+        let name = path.rsplit('/').next().unwrap_or("pod");
+        return (
+            200,
+            json!({"kind":"Pod","apiVersion":"v1","metadata":{"name":name,"namespace":"fleet"}}),
+        );
+    }
+    if path.contains("/events") {
+        let mut event = body.clone();
+        event["metadata"]["name"] = json!("e");
+        return (201, event);
+    }
+    (404, not_found())
+}
+
+fn not_found() -> Value {
+    json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure",
+           "message":"not found (fake)","reason":"NotFound","code":404})
+}

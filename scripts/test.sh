@@ -13,6 +13,9 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # and sends requests from it with python3's urllib.
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+# tests/helm_chart.rs renders the chart with the real Helm engine from a
+# virtualenv (below); Debian's python3 needs python3-venv for that.
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} for the tests"
   SUDO=""
@@ -20,6 +23,16 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${need_apt[@]}"
 fi
+# Python packages the tests use, pinned, in a virtualenv of their own.
+venv=target/test-venv
+if ! "$venv/bin/python" -c 'import helm_python, yaml' >/dev/null 2>&1; then
+  echo "creating $venv (helm-python-sdk, pyyaml) for the tests"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check \
+    helm-python-sdk==0.2.2 pyyaml==6.0.4
+fi
+export WSFLEET_TEST_PYTHON="$PWD/$venv/bin/python"
+
 # The Redis package may start a system instance on 6379; the tests never use
 # it: each starts its own redis-server on a free loopback port.
 

@@ -1,0 +1,237 @@
+//! The Helm chart, rendered by the real Helm engine (PyPI helm-python-sdk,
+//! installed into target/test-venv by scripts/test.sh): the controller's
+//! RBAC is exactly what its code calls, autoscaling has one writer, the
+//! KEDA/HPA manifests read figures the controller exports, and the API
+//! key Secret is generated when none is given. k8s/ must agree.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::{Value, json};
+use wsfleet::controller::k8s::RBAC_RULES;
+use wsfleet::controller::metrics::ControllerMetrics;
+
+fn python() -> PathBuf {
+    let path = std::env::var_os("WSFLEET_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/python")
+        });
+    assert!(
+        path.exists(),
+        "{} missing: ./scripts/test.sh creates it (python venv with helm-python-sdk and pyyaml)",
+        path.display()
+    );
+    path
+}
+
+fn run(args: &[&str]) -> (bool, Value) {
+    let out = Command::new(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/helm-render.py"
+        ))
+        .args(args)
+        .output()
+        .expect("run helm-render.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let value: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "helm-render.py printed no JSON ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), value)
+}
+
+/// Every object the chart renders with `values`.
+fn render(values: Value) -> Vec<Value> {
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/helm/wsfleet");
+    let (ok, out) = run(&["chart", chart, &values.to_string()]);
+    assert!(ok, "render failed: {out}");
+    out.as_object()
+        .expect("map")
+        .values()
+        .flat_map(|docs| docs.as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+fn render_error(values: Value) -> String {
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/helm/wsfleet");
+    let (ok, out) = run(&["chart", chart, &values.to_string()]);
+    assert!(!ok, "rendering {values} should fail");
+    out["error"].as_str().unwrap_or_default().to_string()
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, suffix: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| {
+            o["kind"] == kind
+                && o["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or("")
+                    .ends_with(suffix)
+        })
+        .unwrap_or_else(|| panic!("no {kind} named *{suffix}"))
+}
+
+/// (group, resource, verb) triples a Role grants.
+fn grants(role: &Value) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_array().expect("rules") {
+        for group in rule["apiGroups"].as_array().expect("groups") {
+            for resource in rule["resources"].as_array().expect("resources") {
+                for verb in rule["verbs"].as_array().expect("verbs") {
+                    out.insert((
+                        group.as_str().expect("group").to_string(),
+                        resource.as_str().expect("resource").to_string(),
+                        verb.as_str().expect("verb").to_string(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn needed() -> BTreeSet<(String, String, String)> {
+    RBAC_RULES
+        .iter()
+        .flat_map(|(g, r, verbs)| {
+            verbs
+                .iter()
+                .map(move |v| (g.to_string(), r.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+fn controller_values() -> Value {
+    json!({"controller": {"enabled": true}, "autoscaling": {"enabled": false}})
+}
+
+#[test]
+fn the_controller_role_grants_exactly_the_calls_the_code_makes() {
+    let objects = render(controller_values());
+    let role = find(&objects, "Role", "-controller");
+    assert_eq!(grants(role), needed());
+    let binding = find(&objects, "RoleBinding", "-controller");
+    let account = find(&objects, "ServiceAccount", "-controller");
+    assert_eq!(binding["subjects"][0]["name"], account["metadata"]["name"]);
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+}
+
+#[test]
+fn the_plain_manifests_carry_the_same_role() {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/k8s/controller.yaml");
+    let (ok, out) = run(&["yaml", file]);
+    assert!(ok, "{out}");
+    let objects: Vec<Value> = out[file].as_array().expect("docs").clone();
+    let role = find(&objects, "Role", "-controller");
+    assert_eq!(grants(role), needed());
+}
+
+#[test]
+fn one_writer_of_replicas() {
+    let both =
+        json!({"controller": {"enabled": true, "mode": "scale"}, "autoscaling": {"enabled": true}});
+    assert!(render_error(both).contains("only writer of replicas"));
+    let keda_and_hpa = json!({"controller": {"enabled": true, "scaler": "keda"}, "autoscaling": {"enabled": true}});
+    assert!(render_error(keda_and_hpa).contains("one autoscaler"));
+    let bad = json!({"controller": {"enabled": true, "mode": "sometimes"}, "autoscaling": {"enabled": false}});
+    assert!(render_error(bad).contains("metrics or scale"));
+    // Scale mode alone: no HPA, no ScaledObject, the controller is told.
+    let objects = render(
+        json!({"controller": {"enabled": true, "mode": "scale"}, "autoscaling": {"enabled": false}}),
+    );
+    assert!(
+        !objects
+            .iter()
+            .any(|o| o["kind"] == "HorizontalPodAutoscaler" || o["kind"] == "ScaledObject")
+    );
+    let deployment = find(&objects, "Deployment", "-controller");
+    let env = &deployment["spec"]["template"]["spec"]["containers"][0]["env"];
+    let mode = env
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "WSFLEET_SCALE_MODE")
+        .expect("mode");
+    assert_eq!(mode["value"], "scale");
+}
+
+#[test]
+fn keda_and_the_hpa_read_what_the_controller_exports() {
+    let objects = render(controller_values());
+    let scaled = find(&objects, "ScaledObject", "wsfleet");
+    let service = find(&objects, "Service", "-controller");
+    let port = service["spec"]["ports"][0]["port"].as_u64().expect("port");
+    let trigger = &scaled["spec"]["triggers"][0];
+    assert_eq!(trigger["type"], "metrics-api");
+    assert_eq!(trigger["metricType"], "AverageValue");
+    let url = trigger["metadata"]["url"].as_str().expect("url");
+    assert_eq!(
+        url,
+        format!("http://wsfleet-controller.fleet.svc:{port}/fleet")
+    );
+    // The value KEDA reads is a field of GET /fleet's `fleet` object.
+    let location = trigger["metadata"]["valueLocation"]
+        .as_str()
+        .expect("location");
+    let field = location.strip_prefix("fleet.").expect("under fleet");
+    let view =
+        serde_json::to_value(wsfleet::controller::reconcile::FleetView::default()).expect("view");
+    assert!(
+        view.get(field).is_some(),
+        "GET /fleet has no {field}: {view}"
+    );
+    assert_eq!(scaled["spec"]["scaleTargetRef"]["name"], "wsfleet");
+
+    let objects = render(
+        json!({"controller": {"enabled": true, "scaler": "hpa"}, "autoscaling": {"enabled": false}}),
+    );
+    let hpa = find(&objects, "HorizontalPodAutoscaler", "-fleet");
+    let metric = hpa["spec"]["metrics"][0]["external"]["metric"]["name"]
+        .as_str()
+        .expect("metric");
+    assert!(
+        ControllerMetrics::new()
+            .render()
+            .contains(&format!("# TYPE {metric} ")),
+        "the controller exports no {metric}"
+    );
+}
+
+#[test]
+fn an_api_key_secret_is_generated_when_none_is_given() {
+    let objects = render(json!({}));
+    let secret = find(&objects, "Secret", "-secrets");
+    let key = secret["data"]["api-key"]
+        .as_str()
+        .expect("generated api-key");
+    assert!(key.len() >= 40, "base64 of a 40-char key: {key}");
+    let again = render(json!({}));
+    let other = find(&again, "Secret", "-secrets")["data"]["api-key"].clone();
+    assert_ne!(other, json!(key), "a fresh install gets a fresh key");
+    let given = render(json!({"apiKey": "k-123"}));
+    assert_eq!(
+        find(&given, "Secret", "-secrets")["data"]["api-key"],
+        "ay0xMjM="
+    );
+    // And the gateway reads it from there.
+    let deployment = find(&objects, "Deployment", "wsfleet");
+    let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .expect("env")
+        .clone();
+    let api_key = env
+        .iter()
+        .find(|e| e["name"] == "WSFLEET_API_KEY")
+        .expect("WSFLEET_API_KEY");
+    assert_eq!(
+        api_key["valueFrom"]["secretKeyRef"]["name"],
+        secret["metadata"]["name"]
+    );
+    assert_eq!(api_key["valueFrom"]["secretKeyRef"]["key"], "api-key");
+}

@@ -18,6 +18,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Controller(config) => {
             logging::init(config.log_format);
+            config.validate().context("wsfleet controller")?;
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API")?;

@@ -63,6 +63,77 @@ fn help_documents_every_flag_with_its_env_var() {
 }
 
 #[test]
+fn controller_help_documents_every_flag_with_its_env_var() {
+    let out = Command::new(BIN)
+        .args(["controller", "--help"])
+        .output()
+        .expect("run wsfleet");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for (flag, env) in [
+        ("redis-url", "WSFLEET_REDIS_URL"),
+        ("redis-ca-file", "WSFLEET_REDIS_CA_FILE"),
+        ("redis-timeout-ms", "WSFLEET_REDIS_TIMEOUT_MS"),
+        ("listen", "WSFLEET_CONTROLLER_LISTEN"),
+        ("namespace", "WSFLEET_NAMESPACE"),
+        ("deployment", "WSFLEET_DEPLOYMENT"),
+        ("pod-selector", "WSFLEET_POD_SELECTOR"),
+        ("mode", "WSFLEET_SCALE_MODE"),
+        ("interval-s", "WSFLEET_INTERVAL_S"),
+        ("target-connections", "WSFLEET_TARGET_CONNECTIONS"),
+        ("headroom", "WSFLEET_HEADROOM"),
+        ("min-replicas", "WSFLEET_MIN_REPLICAS"),
+        ("max-replicas", "WSFLEET_MAX_REPLICAS"),
+        ("scale-up-after-s", "WSFLEET_SCALE_UP_AFTER_S"),
+        ("scale-down-window-s", "WSFLEET_SCALE_DOWN_WINDOW_S"),
+        ("scale-down-step", "WSFLEET_SCALE_DOWN_STEP"),
+        ("scale-down-every-s", "WSFLEET_SCALE_DOWN_EVERY_S"),
+        ("scale-tolerance", "WSFLEET_SCALE_TOLERANCE"),
+        ("drain-timeout-s", "WSFLEET_DRAIN_TIMEOUT_S"),
+        ("rebalance", "WSFLEET_REBALANCE"),
+        ("rebalance-tolerance", "WSFLEET_REBALANCE_TOLERANCE"),
+        ("shed-per-pod-per-s", "WSFLEET_SHED_PER_POD_PER_S"),
+        (
+            "shed-fleet-fraction-per-min",
+            "WSFLEET_SHED_FLEET_FRACTION_PER_MIN",
+        ),
+        ("lease-name", "WSFLEET_LEASE_NAME"),
+        ("lease-s", "WSFLEET_LEASE_S"),
+        ("identity", "WSFLEET_IDENTITY"),
+        ("log-format", "WSFLEET_LOG_FORMAT"),
+    ] {
+        assert!(
+            help.contains(&format!("--{flag} ")),
+            "--{flag} missing:\n{help}"
+        );
+        assert!(help.contains(env), "{env} missing:\n{help}");
+    }
+}
+
+#[test]
+fn controller_refuses_bad_bounds_before_touching_anything() {
+    let out = Command::new(BIN)
+        .args([
+            "controller",
+            "--redis-url",
+            "redis://127.0.0.1:1",
+            "--min-replicas",
+            "5",
+            "--max-replicas",
+            "2",
+        ])
+        .env("KUBECONFIG", "/nonexistent")
+        .output()
+        .expect("run wsfleet");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--min-replicas must not be greater than --max-replicas"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bad_config_exits_with_a_clear_message() {
     let out = Command::new(BIN)
         .args(["serve", "--auth", "jwt", "--listen", "127.0.0.1:0"])

@@ -409,8 +409,14 @@ async fn after_a_scale_out_the_rebalancer_evens_the_fleet_out_without_losing_any
     let balanced =
         |spread: &BTreeMap<String, usize>| spread.values().all(|&n| (13..=16).contains(&n));
     let mut last_spread = BTreeMap::new();
+    let mut saw_shedding = false;
     while start.elapsed() < Duration::from_secs(60) {
         let _ = controller.tick().await;
+        // A shedding pod is out of the load balancer: /readyz 503 `shedding`.
+        for pod in &fleet.pods[..3] {
+            let (status, ready) = common::get_json(&pod.http("/readyz")).await;
+            saw_shedding |= status == 503 && ready["reason"] == "shedding";
+        }
         last_spread = spread(&fleet.pods).await;
         if balanced(&last_spread) && start.elapsed() > Duration::from_secs(3) {
             break;

@@ -243,7 +243,11 @@ fn secret(what: &str) -> String {
 
 #[test]
 fn help_never_prints_secrets_from_the_environment() {
-    for args in [["serve", "--help"], ["serve", "-h"]] {
+    for args in [
+        ["serve", "--help"],
+        ["serve", "-h"],
+        ["controller", "--help"],
+    ] {
         let out = std::process::Command::new(BIN)
             .args(args)
             .env(

@@ -274,3 +274,90 @@ pub async fn run(
     tracing::info!("wsfleet controller stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::mock_api::{self, expect};
+    use super::*;
+    use serde_json::json;
+
+    fn pod_list(version: &str, names: &[&str]) -> serde_json::Value {
+        json!({
+            "kind": "PodList", "apiVersion": "v1",
+            "metadata": {"resourceVersion": version},
+            "items": names.iter().map(|n| json!({
+                "metadata": {"name": n, "namespace": "fleet", "resourceVersion": version},
+                "status": {"phase": "Running"}
+            })).collect::<Vec<_>>()
+        })
+    }
+
+    #[tokio::test]
+    async fn the_pod_reflector_lists_watches_and_relists_after_the_watch_fails() {
+        let (client, mut api) = mock_api::client();
+        let shutdown = CancellationToken::new();
+        let pods = reflect_pods(
+            Api::namespaced(client, "fleet"),
+            "app.kubernetes.io/component=gateway",
+            shutdown.clone(),
+        );
+        assert!(pods.current().is_none(), "unknown before the first list");
+
+        let list = expect(&mut api, 200, pod_list("10", &["gw-a"])).await;
+        assert!(
+            list.uri.starts_with("/api/v1/namespaces/fleet/pods?"),
+            "{}",
+            list.uri
+        );
+        assert!(
+            list.uri
+                .contains("labelSelector=app.kubernetes.io%2Fcomponent%3Dgateway"),
+            "{}",
+            list.uri
+        );
+        // What the API server sends when the watch's resourceVersion is too
+        // old: a 200 stream whose event is an ERROR with code 410.
+        let expired = json!({"type": "ERROR", "object": mock_api::status(410, "Expired")});
+        let watch = expect(&mut api, 200, expired).await;
+        assert!(watch.uri.contains("watch=true"), "{}", watch.uri);
+        assert!(watch.uri.contains("resourceVersion=10"), "{}", watch.uri);
+        let mut seen = None;
+        for _ in 0..100 {
+            seen = pods.current();
+            if seen.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let names: Vec<String> = seen
+            .expect("ready after the first list")
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(names, ["gw-a"]);
+
+        // 410 Gone: the watcher lists again (after its backoff) and sees
+        // the new pod.
+        let relist = expect(&mut api, 200, pod_list("20", &["gw-a", "gw-b"])).await;
+        assert!(
+            !relist.uri.contains("watch=true"),
+            "a relist: {}",
+            relist.uri
+        );
+        let mut names = Vec::new();
+        for _ in 0..100 {
+            names = pods
+                .current()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| p.name)
+                .collect();
+            if names.len() == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(names, ["gw-a", "gw-b"]);
+        shutdown.cancel();
+    }
+}

@@ -24,6 +24,8 @@ pub struct ApiState {
     pub calls: Vec<Call>,
     lease: Option<Value>,
     lease_version: u64,
+    /// (method, path fragment, status): the next matching request fails.
+    failures: Vec<(String, String, u16)>,
 }
 
 #[derive(Clone)]
@@ -70,6 +72,38 @@ impl FakeApi {
         (Client::new(service, "fleet"), api)
     }
 
+    /// The next `method` request whose path contains `fragment` answers
+    /// `status` (a Kubernetes Status error).
+    pub fn fail_next(&self, method: &str, fragment: &str, status: u16) {
+        self.state.lock().expect("fake api state").failures.push((
+            method.into(),
+            fragment.into(),
+            status,
+        ));
+    }
+
+    /// Someone else holds the Lease, renewed just now.
+    pub fn lease_held_by(&self, holder: &str) {
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let mut s = self.state.lock().expect("fake api state");
+        s.lease_version += 1;
+        s.lease = Some(json!({
+            "kind": "Lease", "apiVersion": "coordination.k8s.io/v1",
+            "metadata": {"name": "wsfleet-controller", "namespace": "fleet",
+                         "resourceVersion": s.lease_version.to_string()},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
+                     "acquireTime": now, "renewTime": now, "leaseTransitions": 0}
+        }));
+    }
+
+    /// Requests that change something (not GETs).
+    pub fn writes(&self) -> Vec<Call> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.method != "GET")
+            .collect()
+    }
+
     pub fn calls(&self) -> Vec<Call> {
         self.state.lock().expect("fake api state").calls.clone()
     }
@@ -81,6 +115,18 @@ impl FakeApi {
 
 fn answer(state: &Mutex<ApiState>, method: &str, path: &str, body: &Value) -> (u16, Value) {
     let mut s = state.lock().expect("fake api state");
+    if let Some(i) = s
+        .failures
+        .iter()
+        .position(|(m, fragment, _)| m == method && path.contains(fragment.as_str()))
+    {
+        let (_, _, status) = s.failures.remove(i);
+        return (
+            status,
+            json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure",
+                   "message":"injected (fake)","reason":"Injected","code":status}),
+        );
+    }
     let scale = |r: i32| {
         json!({"kind":"Scale","apiVersion":"autoscaling/v1",
                "metadata":{"name":"wsfleet","namespace":"fleet"},

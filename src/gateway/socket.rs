@@ -16,13 +16,18 @@
 //! So an idle connection holds the read buffer and nothing else, whatever it
 //! carried before. The interface is axum's (`Sink` + `Stream` of
 //! `axum::extract::ws::Message` with `axum::Error`), so the connection loop
-//! does not know which socket it drives; errors wrap tungstenite's error
-//! type, so an oversize frame is still `Capacity` (closed 1009).
+//! does not know which socket it drives.
 //!
-//! Behaviour kept from tungstenite: a received ping is answered with a pong
-//! (the ping is still yielded); a received close is answered with a close
-//! echoing its code, yielded, and then the stream ends; text must be UTF-8;
-//! client frames must be masked; no extensions (reserved bits set is an error).
+//! Everything a client can get wrong is a [`Violation`] carrying the close
+//! code the connection must answer with (see [`violation`]): 1002 for broken
+//! framing (unmasked frame, reserved bits, unknown opcode, oversize or
+//! fragmented control frame, continuation out of place, one-byte close
+//! payload, a close code that is not allowed on the wire), 1007 for text or
+//! a close reason that is not UTF-8, 1009 for a frame or message above the
+//! limits. A ping is answered with a pong (and still yielded); a close is
+//! answered with a close echoing its code, yielded, and then the stream
+//! ends. No allocation is ever larger than `max_frame_bytes` (one frame) or
+//! `max_message_bytes` (fragments being joined).
 
 use std::io;
 use std::pin::Pin;
@@ -32,8 +37,48 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use bytes::Bytes;
 use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_tungstenite::tungstenite::Error as WsError;
-use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+
+use crate::protocol::close;
+
+/// A client broke the protocol or a limit: the connection is closed with
+/// `code`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{reason} (close {code})")]
+pub struct Violation {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+/// The violation behind a read error, if the error is one (and not the
+/// network failing).
+pub fn violation(error: &axum::Error) -> Option<Violation> {
+    std::error::Error::source(error)?
+        .downcast_ref::<Violation>()
+        .copied()
+}
+
+/// Close codes a peer may send (RFC 6455 section 7.4): the defined ones
+/// except those reserved for local use (1004-1006, 1015), IANA-registered
+/// 1012-1014, and the library/application ranges 3000-4999.
+fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+fn violation_error(code: u16, reason: &'static str) -> axum::Error {
+    axum::Error::new(Violation { code, reason })
+}
+
+fn protocol(reason: &'static str) -> axum::Error {
+    violation_error(close::PROTOCOL_ERROR, reason)
+}
+
+fn not_utf8() -> axum::Error {
+    violation_error(close::INVALID_PAYLOAD, "text is not UTF-8")
+}
+
+fn io_error(e: io::Error) -> axum::Error {
+    axum::Error::new(e)
+}
 
 /// Limits and sizes of one socket.
 #[derive(Debug, Clone, Copy)]
@@ -179,14 +224,6 @@ pub struct Socket<IO> {
     ended: bool,
 }
 
-fn protocol(e: ProtocolError) -> axum::Error {
-    axum::Error::new(WsError::Protocol(e))
-}
-
-fn io_error(e: io::Error) -> axum::Error {
-    axum::Error::new(WsError::Io(e))
-}
-
 impl<IO: AsyncRead + AsyncWrite + Unpin> Socket<IO> {
     pub fn new(io: IO, config: SocketConfig) -> Self {
         Socket {
@@ -260,7 +297,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Socket<IO> {
                 }
                 let mut b = [0u8; 8];
                 b.copy_from_slice(&avail[2..10]);
-                (u64::from_be_bytes(b), 10)
+                let len = u64::from_be_bytes(b);
+                if len >> 63 != 0 {
+                    return Err(protocol("64-bit frame length with its top bit set"));
+                }
+                (len, 10)
             }
             n => (n as u64, 2),
         };
@@ -289,38 +330,43 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Socket<IO> {
 
     fn check(&self, h: &Header) -> Result<(), axum::Error> {
         if h.reserved {
-            return Err(protocol(ProtocolError::NonZeroReservedBits));
+            return Err(protocol("reserved bits set without an extension"));
         }
         if h.mask.is_none() {
-            return Err(protocol(ProtocolError::UnmaskedFrameFromClient));
+            return Err(protocol("unmasked frame from a client"));
         }
         match h.opcode {
             OP_CLOSE | OP_PING | OP_PONG => {
                 if !h.fin {
-                    return Err(protocol(ProtocolError::FragmentedControlFrame));
+                    return Err(protocol("fragmented control frame"));
                 }
                 if h.len > 125 {
-                    return Err(protocol(ProtocolError::ControlFrameTooBig));
+                    return Err(protocol("control frame over 125 bytes"));
                 }
             }
             OP_TEXT | OP_BINARY | OP_CONTINUATION => {
+                // Checked on the header, before anything is read or
+                // allocated for the payload.
+                match (h.opcode, &self.fragments) {
+                    (OP_CONTINUATION, None) => {
+                        return Err(protocol("continuation frame without a message to continue"));
+                    }
+                    (OP_TEXT | OP_BINARY, Some(_)) => {
+                        return Err(protocol("new message while a fragmented one is unfinished"));
+                    }
+                    _ => {}
+                }
                 let so_far = self.fragments.as_ref().map_or(0, |(_, f)| f.len());
                 if h.len > self.config.max_frame_bytes
                     || so_far.saturating_add(h.len) > self.config.max_message_bytes
                 {
-                    return Err(axum::Error::new(WsError::Capacity(
-                        CapacityError::MessageTooLong {
-                            size: so_far.saturating_add(h.len),
-                            max_size: self
-                                .config
-                                .max_message_bytes
-                                .min(self.config.max_frame_bytes),
-                        },
-                    )));
+                    return Err(violation_error(
+                        close::TOO_LARGE,
+                        "frame or message too large",
+                    ));
                 }
             }
-            other if other < 8 => return Err(protocol(ProtocolError::UnknownDataFrameType(other))),
-            other => return Err(protocol(ProtocolError::UnknownControlFrameType(other))),
+            _ => return Err(protocol("unknown opcode")),
         }
         Ok(())
     }
@@ -381,13 +427,26 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Socket<IO> {
         Poll::Ready(Ok(Some(Bytes::from(payload))))
     }
 
-    /// Writes a pending automatic reply, if any.
-    fn poll_reply(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Writes the frame the sink accepted, then a pending automatic reply:
+    /// in that order, because the accepted frame may be half written and a
+    /// reply in its middle would corrupt the stream.
+    fn poll_writes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(sending) = &mut self.sending {
+            ready!(sending.poll_write(&mut self.io, cx))?;
+            self.sending = None;
+        }
         if let Some(reply) = &mut self.reply {
             ready!(reply.poll_write(&mut self.io, cx))?;
             self.reply = None;
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Heap and buffer bytes this socket holds now: the fixed read buffer
+    /// plus anything a frame in flight needs. Back to `read_buffer_bytes`
+    /// once no frame is in flight, whatever sizes came before.
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.len() + self.spare_heap_bytes()
     }
 
     /// Turns one complete frame into what the caller sees, if anything.
@@ -403,16 +462,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Socket<IO> {
             OP_CLOSE => {
                 let frame = match payload.len() {
                     0 => None,
-                    1 => {
-                        return Err(io_error(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "close frame with a one-byte payload",
-                        )));
-                    }
+                    1 => return Err(protocol("close frame with a one-byte payload")),
                     _ => {
                         let code = u16::from_be_bytes([payload[0], payload[1]]);
-                        let reason = Utf8Bytes::try_from(payload.slice(2..))
-                            .map_err(|e| axum::Error::new(WsError::Utf8(e.to_string())))?;
+                        if !close_code_allowed(code) {
+                            return Err(protocol("close code not allowed on the wire"));
+                        }
+                        let reason = Utf8Bytes::try_from(payload.slice(2..)).map_err(|_| {
+                            violation_error(close::INVALID_PAYLOAD, "close reason is not UTF-8")
+                        })?;
                         Some(CloseFrame { code, reason })
                     }
                 };
@@ -429,7 +487,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Socket<IO> {
             }
             OP_CONTINUATION => {
                 let Some((opcode, mut data)) = self.fragments.take() else {
-                    return Err(protocol(ProtocolError::UnexpectedContinueFrame));
+                    return Err(protocol("continuation frame without a message to continue"));
                 };
                 data.extend_from_slice(&payload);
                 if header.fin {
@@ -441,9 +499,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Socket<IO> {
             }
             opcode => {
                 if self.fragments.is_some() {
-                    return Err(protocol(ProtocolError::ExpectedFragment(
-                        tokio_tungstenite::tungstenite::protocol::frame::coding::Data::Continue,
-                    )));
+                    return Err(protocol("new message while a fragmented one is unfinished"));
                 }
                 if header.fin {
                     self.message(opcode, payload).map(Some)
@@ -459,7 +515,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Socket<IO> {
         if opcode == OP_TEXT {
             Utf8Bytes::try_from(data)
                 .map(Message::Text)
-                .map_err(|e| axum::Error::new(WsError::Utf8(e.to_string())))
+                .map_err(|_| not_utf8())
         } else {
             Ok(Message::Binary(data))
         }
@@ -472,11 +528,18 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Stream for Socket<IO> {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
-            // Answers go out while reading, as tungstenite does; a reply that
-            // cannot be written yet waits for the next poll or send.
-            if let Poll::Ready(Err(e)) = this.poll_reply(cx) {
-                this.ended = true;
-                return Poll::Ready(Some(Err(io_error(e))));
+            // Answers go out while reading, as tungstenite does. No new
+            // frame is read while one is still unwritten, so a peer that
+            // floods pings without reading pongs cannot queue up answers.
+            if this.reply.is_some() {
+                match this.poll_writes(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => {
+                        this.ended = true;
+                        return Poll::Ready(Some(Err(io_error(e))));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
             }
             if this.ended {
                 return Poll::Ready(None);
@@ -521,7 +584,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Stream for Socket<IO> {
                 Ok(Some(message)) => {
                     // Try the reply now, so a peer waiting for its pong or
                     // close echo gets it even if the caller stops here.
-                    if let Poll::Ready(Err(e)) = this.poll_reply(cx) {
+                    if this.reply.is_some()
+                        && let Poll::Ready(Err(e)) = this.poll_writes(cx)
+                    {
                         this.ended = true;
                         return Poll::Ready(Some(Err(io_error(e))));
                     }
@@ -542,18 +607,17 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Sink<Message> for Socket<IO> {
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         let this = self.get_mut();
-        ready!(this.poll_reply(cx)).map_err(io_error)?;
-        if let Some(sending) = &mut this.sending {
-            ready!(sending.poll_write(&mut this.io, cx)).map_err(io_error)?;
-            this.sending = None;
-        }
+        ready!(this.poll_writes(cx)).map_err(io_error)?;
         Poll::Ready(Ok(()))
     }
 
     fn start_send(self: Pin<&mut Self>, message: Message) -> Result<(), Self::Error> {
         let this = self.get_mut();
         if this.sent_close {
-            return Err(protocol(ProtocolError::SendAfterClosing));
+            return Err(io_error(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "send after a close frame",
+            )));
         }
         let frame = match message {
             Message::Text(t) => Outgoing::new(OP_TEXT, Bytes::from(t)),
@@ -699,49 +763,266 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn fragments_are_joined_and_limits_hold() {
-        use tokio::io::AsyncWriteExt;
-        let (server_io, mut raw) = tokio::io::duplex(4096);
+    /// One client frame as bytes: `b0` is FIN|RSV|opcode, masked with a
+    /// non-zero key unless `masked` is false.
+    fn frame(b0: u8, masked: bool, payload: &[u8]) -> Vec<u8> {
+        let key = [0x37u8, 0xfa, 0x21, 0x3d];
+        let mut out = vec![b0];
+        let m = if masked { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => out.push(m | n as u8),
+            n if n <= 0xFFFF => {
+                out.push(m | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(m | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        if masked {
+            out.extend_from_slice(&key);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i & 3]));
+        } else {
+            out.extend_from_slice(payload);
+        }
+        out
+    }
+
+    fn close_payload(code: u16, reason: &[u8]) -> Vec<u8> {
+        let mut p = code.to_be_bytes().to_vec();
+        p.extend_from_slice(reason);
+        p
+    }
+
+    /// The bytes `input` (written by a task, so large inputs do not block),
+    /// what the socket yields from them until it ends or errs, and what it
+    /// wrote back.
+    async fn feed(input: Vec<u8>) -> (Vec<Message>, Option<Violation>, Vec<u8>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (server_io, raw) = tokio::io::duplex(4096);
+        let (mut raw_read, mut raw_write) = tokio::io::split(raw);
+        let writer = tokio::spawn(async move {
+            // The server may stop reading mid-input: a failed write is fine.
+            let _ = raw_write.write_all(&input).await;
+            raw_write
+        });
         let mut server = Socket::new(server_io, CONFIG);
-        // "hel" + "lo" as a text frame and a continuation, masked with 0s.
-        raw.write_all(&[0x01, 0x83, 0, 0, 0, 0, b'h', b'e', b'l'])
-            .await
-            .unwrap();
-        raw.write_all(&[0x80, 0x82, 0, 0, 0, 0, b'l', b'o'])
-            .await
-            .unwrap();
-        assert_eq!(
-            server.next().await.unwrap().unwrap(),
-            Message::Text("hello".into())
-        );
-        // A frame over --max-frame-bytes is a capacity error (closed 1009).
-        raw.write_all(&[0x82, 0xFF, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0])
-            .await
-            .unwrap();
-        let err = server.next().await.unwrap().unwrap_err();
-        assert!(matches!(
-            err.into_inner().downcast_ref::<WsError>(),
-            Some(WsError::Capacity(_))
-        ));
-        assert!(server.next().await.is_none());
+        let mut messages = Vec::new();
+        let mut violated = None;
+        loop {
+            match tokio::time::timeout(std::time::Duration::from_secs(5), server.next())
+                .await
+                .expect("the socket answers every input")
+            {
+                Some(Ok(m)) => messages.push(m),
+                Some(Err(e)) => {
+                    violated = Some(violation(&e).expect("a violation, not an IO error"));
+                    break;
+                }
+                None => break,
+            }
+        }
+        // What the connection loop does with a violation (`read_error`).
+        if let Some(v) = violated {
+            server
+                .send(Message::Close(Some(CloseFrame {
+                    code: v.code,
+                    reason: v.reason.into(),
+                })))
+                .await
+                .unwrap();
+        }
+        drop(server);
+        let _keep_open = writer.await.unwrap();
+        let mut written = Vec::new();
+        raw_read.read_to_end(&mut written).await.unwrap();
+        (messages, violated, written)
+    }
+
+    /// The close code of the first close frame in `written` (server frames
+    /// are unmasked), if there is one.
+    fn close_code_on_wire(written: &[u8]) -> Option<u16> {
+        let mut at = 0;
+        while at + 2 <= written.len() {
+            let (op, len) = (written[at] & 0x0F, (written[at + 1] & 0x7F) as usize);
+            // Control frames and the small frames of these tests only.
+            assert!(len < 126, "unexpected large frame in the answer");
+            if op == OP_CLOSE {
+                return (len >= 2).then(|| u16::from_be_bytes([written[at + 2], written[at + 3]]));
+            }
+            at += 2 + len;
+        }
+        None
     }
 
     #[tokio::test]
-    async fn unmasked_and_reserved_frames_are_refused() {
-        use tokio::io::AsyncWriteExt;
-        for frame in [&[0x81u8, 0x01, b'x'][..], &[0xC1, 0x81, 0, 0, 0, 0, b'x']] {
-            let (server_io, mut raw) = tokio::io::duplex(64);
-            let mut server = Socket::new(server_io, CONFIG);
-            raw.write_all(frame).await.unwrap();
-            let err = server.next().await.unwrap().unwrap_err();
-            assert!(
-                matches!(
-                    err.into_inner().downcast_ref::<WsError>(),
-                    Some(WsError::Protocol(_))
-                ),
-                "{frame:?}"
+    async fn every_protocol_violation_is_closed_with_its_code() {
+        let p = close::PROTOCOL_ERROR;
+        let mut cases: Vec<(String, Vec<u8>, u16)> = vec![
+            ("unmasked text".into(), frame(0x81, false, b"x"), p),
+            ("RSV1 set".into(), frame(0xC1, true, b"x"), p),
+            ("RSV2 set".into(), frame(0xA1, true, b"x"), p),
+            ("RSV3 set".into(), frame(0x91, true, b"x"), p),
+            ("data opcode 3".into(), frame(0x83, true, b"x"), p),
+            ("control opcode 0xB".into(), frame(0x8B, true, b""), p),
+            ("ping of 126 bytes".into(), frame(0x89, true, &[0; 126]), p),
+            ("fragmented ping".into(), frame(0x09, true, b"x"), p),
+            (
+                "fragmented close".into(),
+                frame(0x08, true, &close_payload(1000, b"")),
+                p,
+            ),
+            ("continuation first".into(), frame(0x80, true, b"x"), p),
+            (
+                "text during a fragmented text".into(),
+                [frame(0x01, true, b"a"), frame(0x81, true, b"b")].concat(),
+                p,
+            ),
+            (
+                "binary during a fragmented binary".into(),
+                [frame(0x02, true, b"a"), frame(0x82, true, b"b")].concat(),
+                p,
+            ),
+            ("one-byte close payload".into(), frame(0x88, true, &[3]), p),
+            (
+                "64-bit length with the top bit set".into(),
+                vec![0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
+                p,
+            ),
+            (
+                "invalid UTF-8 text".into(),
+                frame(0x81, true, b"ok \xff"),
+                close::INVALID_PAYLOAD,
+            ),
+            (
+                "invalid UTF-8 across fragments".into(),
+                // "€" is E2 82 AC: the second fragment breaks it.
+                [frame(0x01, true, b"\xe2\x82"), frame(0x80, true, b"(")].concat(),
+                close::INVALID_PAYLOAD,
+            ),
+            (
+                "truncated UTF-8 at the end of the message".into(),
+                [frame(0x01, true, b"a"), frame(0x80, true, b"\xe2\x82")].concat(),
+                close::INVALID_PAYLOAD,
+            ),
+            (
+                "invalid UTF-8 close reason".into(),
+                frame(0x88, true, &close_payload(1000, b"\xc3\x28")),
+                close::INVALID_PAYLOAD,
+            ),
+            (
+                // Only the header: refused before the payload is read or
+                // allocated.
+                "frame over max_frame_bytes".into(),
+                vec![0x82, 0xFF, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0],
+                close::TOO_LARGE,
+            ),
+            (
+                "fragments over max_message_bytes".into(),
+                [
+                    frame(0x02, true, &vec![7; 40_000]),
+                    frame(0x80, true, &vec![7; 40_000]),
+                ]
+                .concat(),
+                close::TOO_LARGE,
+            ),
+        ];
+        for code in [
+            0u16, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
+            cases.push((
+                format!("close code {code}"),
+                frame(0x88, true, &close_payload(code, b"")),
+                p,
+            ));
+        }
+        for (name, input, code) in cases {
+            let (_, violated, written) = feed(input).await;
+            assert_eq!(violated.map(|v| v.code), Some(code), "{name}");
+            assert_eq!(
+                close_code_on_wire(&written),
+                Some(code),
+                "{name}: on the wire"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn valid_input_is_yielded_pinged_pongs_and_closes_are_echoed() {
+        // Fragmented text with "€" split across fragments and a ping between
+        // the fragments (control frames may interleave).
+        let input = [
+            frame(0x01, true, b"price \xe2"),
+            frame(0x89, true, b"p1"),
+            frame(0x00, true, b"\x82"),
+            frame(0x80, true, b"\xac"),
+            frame(0x82, true, &[1, 2, 3]),
+            frame(0x8A, true, b"unsolicited pong"),
+            frame(0x88, true, &close_payload(4000, "fertig ✓".as_bytes())),
+            // Anything after the close is not read.
+            frame(0x81, true, b"after close"),
+        ]
+        .concat();
+        let (messages, violated, written) = feed(input).await;
+        assert_eq!(violated, None);
+        assert_eq!(
+            messages,
+            vec![
+                Message::Ping(Bytes::from_static(b"p1")),
+                Message::Text("price €".into()),
+                Message::Binary(Bytes::from_static(&[1, 2, 3])),
+                Message::Pong(Bytes::from_static(b"unsolicited pong")),
+                Message::Close(Some(CloseFrame {
+                    code: 4000,
+                    reason: "fertig ✓".into()
+                })),
+            ]
+        );
+        // A pong with the ping's payload, then the close echoing its code.
+        assert_eq!(
+            written,
+            [vec![0x8A, 2, b'p', b'1'], vec![0x88, 2, 0x0F, 0xA0]].concat()
+        );
+        for code in [1000u16, 1001, 1003, 1007, 1011, 1012, 1014, 3000, 4999] {
+            let (messages, violated, written) =
+                feed(frame(0x88, true, &close_payload(code, b""))).await;
+            assert_eq!(violated, None, "close code {code} is allowed");
+            assert!(matches!(&messages[..], [Message::Close(Some(f))] if f.code == code));
+            assert_eq!(close_code_on_wire(&written), Some(code), "echoed");
+        }
+        // An empty close is echoed empty.
+        let (_, _, written) = feed(frame(0x88, true, b"")).await;
+        assert_eq!(written, vec![0x88, 0]);
+    }
+
+    #[tokio::test]
+    async fn buffers_return_to_the_configured_size_after_a_60_kb_frame_each_way() {
+        let (mut server, mut client) = pair().await;
+        assert_eq!(server.buffer_capacity(), CONFIG.read_buffer_bytes);
+        let big = text(0, 60_000);
+        let sent = big.clone();
+        let client_side = tokio::spawn(async move {
+            client.send(tungstenite::Message::text(sent)).await.unwrap();
+            match client.next().await.unwrap().unwrap() {
+                tungstenite::Message::Text(t) => t.len(),
+                other => panic!("unexpected {other:?}"),
+            }
+        });
+        let received = server.next().await.unwrap().unwrap();
+        assert_eq!(received, Message::Text(big.clone().into()));
+        drop(received);
+        assert_eq!(
+            server.buffer_capacity(),
+            CONFIG.read_buffer_bytes,
+            "after a 60 KB incoming frame"
+        );
+        server.send(Message::Text(big.into())).await.unwrap();
+        assert_eq!(
+            server.buffer_capacity(),
+            CONFIG.read_buffer_bytes,
+            "after a 60 KB outgoing frame"
+        );
+        assert_eq!(client_side.await.unwrap(), 60_000);
     }
 }

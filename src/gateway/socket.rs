@@ -646,6 +646,105 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Sink<Message> for Socket<IO> {
     }
 }
 
+/// What a socket makes of bytes a client sent: the messages it yields, the
+/// violation that ended it (if one did), and the bytes it wrote back
+/// (pongs, a close echo). For the fuzz target and its corpus replay
+/// (`fuzz/checks.rs`), so they drive the real parser without a runtime.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub messages: Vec<Message>,
+    pub violation: Option<Violation>,
+    /// An error that is not a violation (none is expected from memory).
+    pub other_error: Option<String>,
+    pub written: Vec<u8>,
+    /// The most [`Socket::buffer_capacity`] was right after a data message
+    /// (no fragment or frame in flight then).
+    pub peak_resting_capacity: usize,
+}
+
+impl Decoded {
+    /// Payload bytes of everything yielded.
+    pub fn yielded_bytes(&self) -> usize {
+        self.messages
+            .iter()
+            .map(|m| match m {
+                Message::Text(t) => t.len(),
+                Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => b.len(),
+                Message::Close(f) => f.as_ref().map_or(0, |f| 2 + f.reason.len()),
+            })
+            .sum()
+    }
+}
+
+/// Decodes `input` as one client connection's bytes, in memory.
+pub fn decode_client_bytes(input: &[u8], config: SocketConfig) -> Decoded {
+    struct Memory<'a> {
+        input: &'a [u8],
+        written: Vec<u8>,
+    }
+    impl AsyncRead for Memory<'_> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.input).poll_read(cx, buf)
+        }
+    }
+    impl AsyncWrite for Memory<'_> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.written.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+    let mut socket = Socket::new(
+        Memory {
+            input,
+            written: Vec::new(),
+        },
+        config,
+    );
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut decoded = Decoded::default();
+    // Memory never blocks, so every poll is ready; the bound only guards
+    // against a parser that stops making progress.
+    for _ in 0..=input.len() + 1 {
+        match Pin::new(&mut socket).poll_next(&mut cx) {
+            Poll::Ready(Some(Ok(m))) => {
+                if matches!(m, Message::Text(_) | Message::Binary(_)) {
+                    decoded.peak_resting_capacity =
+                        decoded.peak_resting_capacity.max(socket.buffer_capacity());
+                }
+                decoded.messages.push(m);
+            }
+            Poll::Ready(Some(Err(e))) => {
+                match violation(&e) {
+                    Some(v) => decoded.violation = Some(v),
+                    None => decoded.other_error = Some(e.to_string()),
+                }
+                break;
+            }
+            Poll::Ready(None) => break,
+            Poll::Pending => {
+                decoded.other_error = Some("pending on memory input".into());
+                break;
+            }
+        }
+    }
+    decoded.written = std::mem::take(&mut socket.io.written);
+    decoded
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@
 //! connection with 1009 inside tungstenite; an HTTP body over it is refused
 //! with 413 by the router's body limit), so the parsers' bound is the limit.
 
+use wsfleet::gateway::socket::{SocketConfig, decode_client_bytes};
 use wsfleet::gateway::{parse_idempotency_key, parse_message_body};
 use wsfleet::protocol::{frame, parse_client_frame};
 
@@ -83,4 +84,45 @@ pub fn api_body(data: &[u8]) {
             body.len()
         ),
     }
+}
+
+/// The frame limits the checks run the socket with: small, so the corpus
+/// reaches them.
+const FRAMES: SocketConfig = SocketConfig {
+    read_buffer_bytes: 64,
+    max_frame_bytes: 4096,
+    max_message_bytes: 8192,
+};
+
+/// A client's raw bytes after the upgrade (`gateway::socket`): decoding
+/// never panics and ends in messages, a clean end or a violation with a
+/// close code the server may send; nothing it yields or writes back is
+/// larger than the input, and between messages the socket holds only its
+/// read buffer.
+pub fn ws_frames(data: &[u8]) {
+    if data.len() > MAX_INPUT {
+        return;
+    }
+    let decoded = decode_client_bytes(data, FRAMES);
+    assert_eq!(decoded.other_error, None);
+    if let Some(v) = decoded.violation {
+        assert!(
+            matches!(v.code, 1002 | 1007 | 1009),
+            "close code {}",
+            v.code
+        );
+    }
+    let yielded = decoded.yielded_bytes();
+    assert!(
+        yielded <= data.len(),
+        "{yielded} bytes yielded from {}",
+        data.len()
+    );
+    assert!(
+        decoded.written.len() <= data.len(),
+        "{} bytes written back for {}",
+        decoded.written.len(),
+        data.len()
+    );
+    assert!(decoded.peak_resting_capacity <= FRAMES.read_buffer_bytes);
 }

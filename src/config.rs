@@ -397,11 +397,14 @@ pub struct ServeConfig {
     pub upstream_max_age_s: u64,
 
     /// Per-connection WebSocket read buffer in bytes (allocated for every
-    /// connection; tungstenite's default is 128 KiB).
+    /// connection and never grown: a larger frame is read into an
+    /// allocation of its own size, freed with the message).
     #[arg(long, env = "WSFLEET_READ_BUFFER_BYTES", default_value_t = 1024)]
     pub read_buffer_bytes: usize,
 
-    /// Bytes buffered before a write is flushed (0: write each frame at once).
+    /// No effect since the own framing (`gateway::socket`), which writes
+    /// each frame through without an out-buffer; accepted so existing
+    /// deployments that set it still start.
     #[arg(long, env = "WSFLEET_WRITE_BUFFER_BYTES", default_value_t = 0)]
     pub write_buffer_bytes: usize,
 

@@ -72,6 +72,98 @@ async fn oversize_frame_closes_with_1009_and_the_pod_carries_on() {
     assert_eq!(welcome["type"], "welcome");
 }
 
+/// A raw client (no WebSocket library, so it can break the protocol): the
+/// upgrade, then the server's frames read one by one.
+async fn raw_session(server: &Server, session: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let request = format!(
+        "GET /ws?session={session} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n",
+        server.addr
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tcp.read_u8().await.unwrap());
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+    tcp
+}
+
+/// Reads server frames until a close; returns its code (None: closed
+/// without one, or the connection ended first).
+async fn raw_close_code(tcp: &mut tokio::net::TcpStream) -> Option<u16> {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        loop {
+            let mut h = [0u8; 2];
+            tcp.read_exact(&mut h).await.ok()?;
+            assert_eq!(h[1] & 0x80, 0, "server frames are unmasked");
+            let len = match h[1] & 0x7F {
+                126 => tcp.read_u16().await.ok()? as usize,
+                127 => tcp.read_u64().await.ok()? as usize,
+                n => n as usize,
+            };
+            let mut payload = vec![0u8; len];
+            tcp.read_exact(&mut payload).await.ok()?;
+            if h[0] & 0x0F == 0x8 {
+                return (len >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("the server closes")
+}
+
+/// A masked client frame.
+fn masked(b0: u8, payload: &[u8]) -> Vec<u8> {
+    let key = [9u8, 8, 7, 6];
+    assert!(payload.len() < 126);
+    let mut f = vec![b0, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&key);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i & 3]));
+    f
+}
+
+#[tokio::test]
+async fn protocol_violations_close_with_their_code_and_the_pod_carries_on() {
+    use tokio::io::AsyncWriteExt;
+    let server = Server::start(&[]).await;
+    let cases: [(&str, Vec<u8>, u16); 4] = [
+        ("unmasked", vec![0x81, 2, b'h', b'i'], 1002),
+        ("reserved bit", masked(0xC1, b"hi"), 1002),
+        ("not UTF-8", masked(0x81, b"\xff\xfe"), 1007),
+        (
+            "close code 1005",
+            masked(0x88, &1005u16.to_be_bytes()),
+            1002,
+        ),
+    ];
+    for (i, (name, frame, code)) in cases.into_iter().enumerate() {
+        let mut tcp = raw_session(&server, &format!("raw-{i}")).await;
+        tcp.write_all(&frame).await.unwrap();
+        assert_eq!(raw_close_code(&mut tcp).await, Some(code), "{name}");
+    }
+    let metrics = server.metrics().await;
+    for (code, n) in [("1002", 3.0), ("1007", 1.0)] {
+        assert_eq!(
+            common::metric(
+                &metrics,
+                &format!("wsfleet_connections_closed_total{{code=\"{code}\"}}")
+            ),
+            n,
+            "{code}"
+        );
+    }
+    let (mut other, _) = server.session("after-raw").await;
+    other.assert_alive().await;
+}
+
 #[tokio::test]
 async fn too_many_subscriptions_is_refused_per_connection() {
     let server = Server::start(&["--max-subscriptions", "2"]).await;

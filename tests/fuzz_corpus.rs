@@ -33,6 +33,11 @@ fn client_frame_corpus_parses_without_panics_and_with_bounded_replies() {
 }
 
 #[test]
+fn ws_frames_corpus_decodes_without_panics_and_with_bounded_buffers() {
+    replay("ws_frames", checks::ws_frames);
+}
+
+#[test]
 fn api_body_corpus_parses_without_panics_and_with_bounded_errors() {
     replay("api_body", checks::api_body);
 }
@@ -46,4 +51,22 @@ fn the_checks_accept_the_contract_and_skip_what_the_server_refuses_earlier() {
     let huge = vec![b'['; checks::MAX_INPUT + 1];
     checks::client_frame(&huge);
     checks::api_body(&huge);
+    checks::ws_frames(&huge);
+    // A masked "hi" text frame and a close: decoded, nothing left held.
+    checks::ws_frames(&[
+        0x81,
+        0x82,
+        1,
+        2,
+        3,
+        4,
+        b'h' ^ 1,
+        b'i' ^ 2,
+        0x88,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+    ]);
 }

@@ -862,9 +862,17 @@ impl Connection {
     }
 }
 
-/// A read error: an oversize frame gets 1009, anything else means the
-/// client is gone.
+/// A read error: a protocol violation is closed with its code (1002, 1007,
+/// 1009; see `socket`), anything else means the client is gone.
 fn read_error(error: axum::Error) -> End {
+    if let Some(v) = super::socket::violation(&error) {
+        tracing::debug!(
+            code = v.code,
+            reason = v.reason,
+            "client broke the protocol"
+        );
+        return End::close(v.code, v.reason);
+    }
     let too_large = error
         .into_inner()
         .downcast_ref::<tokio_tungstenite::tungstenite::Error>()

@@ -19,6 +19,7 @@ mod health;
 mod order;
 mod rate;
 mod server;
+pub mod socket;
 mod upgrade;
 
 use std::sync::Arc;

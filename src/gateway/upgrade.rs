@@ -6,16 +6,22 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{FromRequestParts, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
+use futures_util::future::Either;
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use super::AppState;
 use super::connection::{self, Connection};
 use super::error::ApiError;
+use super::socket::{Socket, SocketConfig};
 use crate::protocol::{ErrorCode, Offset, SessionId};
 
 #[derive(Debug, Deserialize)]
@@ -43,23 +49,87 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .strip_prefix("Bearer ")
 }
 
+/// A valid WebSocket upgrade request (RFC 6455 section 4.2.1), checked as
+/// axum's `WebSocketUpgrade` checks it. wsfleet upgrades by hand so that the
+/// connection gets its own [`Socket`], whose buffers do not keep the size
+/// of large frames (see `socket`).
+pub struct Handshake {
+    key: HeaderValue,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Handshake {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let bad = |status: StatusCode, message: &str| {
+            ApiError::new(status, ErrorCode::BadRequest, message)
+        };
+        if parts.version > Version::HTTP_11 {
+            return Err(bad(
+                StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                "WebSocket upgrades need HTTP/1.1",
+            ));
+        }
+        if parts.method != Method::GET {
+            return Err(bad(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Request method must be `GET`",
+            ));
+        }
+        let has = |name: header::HeaderName, token: &str| {
+            parts
+                .headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case(token))
+        };
+        if !has(header::CONNECTION, "upgrade") {
+            return Err(bad(
+                StatusCode::BAD_REQUEST,
+                "Connection header did not include 'upgrade'",
+            ));
+        }
+        if !has(header::UPGRADE, "websocket") {
+            return Err(bad(
+                StatusCode::BAD_REQUEST,
+                "`Upgrade` header did not include 'websocket'",
+            ));
+        }
+        if !has(header::SEC_WEBSOCKET_VERSION, "13") {
+            return Err(bad(
+                StatusCode::BAD_REQUEST,
+                "`Sec-WebSocket-Version` header did not include '13'",
+            ));
+        }
+        let Some(key) = parts.headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
+            return Err(bad(
+                StatusCode::BAD_REQUEST,
+                "`Sec-WebSocket-Key` header missing",
+            ));
+        };
+        let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+            return Err(bad(
+                StatusCode::UPGRADE_REQUIRED,
+                "WebSocket request couldn't be upgraded since no upgrade state was present",
+            ));
+        };
+        Ok(Handshake { key, on_upgrade })
+    }
+}
+
 pub async fn websocket(
     State(state): State<Arc<AppState>>,
     query: Result<Query<WsQuery>, QueryRejection>,
     headers: HeaderMap,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<Handshake, ApiError>,
 ) -> Response {
     let started = Instant::now();
     let upgrade = match upgrade {
         Ok(u) => u,
-        Err(rejection) => {
-            let error = ApiError::new(
-                rejection.status(),
-                ErrorCode::BadRequest,
-                rejection.body_text(),
-            );
-            return refuse(&state, "not_websocket", error);
-        }
+        Err(error) => return refuse(&state, "not_websocket", error),
     };
     let Query(query) = match query {
         Ok(q) => q,
@@ -155,21 +225,39 @@ pub async fn websocket(
         slot,
         started,
     );
+    // Base64, so always a valid header value.
+    let Ok(accept) = HeaderValue::from_str(&derive_accept_key(upgrade.key.as_bytes())) else {
+        return refuse(
+            &state,
+            "bad_request",
+            ApiError::bad_request("bad Sec-WebSocket-Key"),
+        );
+    };
     let tracked = state.tracker.token();
     let limits = &state.config;
-    upgrade
-        .read_buffer_size(limits.read_buffer_bytes)
-        .write_buffer_size(limits.write_buffer_bytes)
-        .max_write_buffer_size(
-            limits
-                .max_frame_bytes
-                .saturating_mul(4)
-                .max(limits.write_buffer_bytes + 1),
-        )
-        .max_message_size(limits.max_frame_bytes)
-        .max_frame_size(limits.max_frame_bytes)
-        // The closure returns the connection's future itself: an `async`
-        // block around it would keep a second copy of `conn` for the whole
-        // life of the connection.
-        .on_upgrade(move |socket| connection::serve(socket, conn, tracked))
+    let config = SocketConfig {
+        read_buffer_bytes: limits.read_buffer_bytes,
+        max_frame_bytes: limits.max_frame_bytes,
+        max_message_bytes: limits.max_frame_bytes,
+    };
+    // `then` instead of an `async` block: a block would keep a second copy
+    // of `conn` (its capture) for the whole life of the connection.
+    tokio::spawn(upgrade.on_upgrade.then(move |upgraded| match upgraded {
+        Ok(io) => Either::Left(connection::serve(
+            Socket::new(TokioIo::new(io), config),
+            conn,
+            tracked,
+        )),
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed after the handshake");
+            Either::Right(std::future::ready(()))
+        }
+    }));
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    response
 }

@@ -4,6 +4,11 @@
 pub const NORMAL: u16 = 1000;
 /// The pod is shutting down.
 pub const GOING_AWAY: u16 = 1001;
+/// The client broke RFC 6455 framing (unmasked, reserved bits, bad opcode,
+/// bad close code, ...).
+pub const PROTOCOL_ERROR: u16 = 1002;
+/// A text frame or close reason that is not UTF-8.
+pub const INVALID_PAYLOAD: u16 = 1007;
 /// Authorisation or policy failure.
 pub const POLICY: u16 = 1008;
 /// A frame exceeded the size limit.

@@ -76,6 +76,9 @@ pub struct Connection {
     /// When the token expires (auth mode `jwt`): the connection closes with
     /// 1008 then, unless a `refresh` moves it.
     expires: Option<Instant>,
+    /// Logs whose fill from the log failed and is retried after
+    /// `--delivery-repair-ms` (`None`: the session's log). Boxed: rare.
+    fill_retries: Option<Box<Vec<Option<ChannelName>>>>,
 }
 
 /// How a connection ends.
@@ -143,6 +146,7 @@ impl Connection {
             order: Order::new(last),
             rate,
             expires,
+            fill_retries: None,
         }
     }
 }
@@ -256,7 +260,9 @@ impl Connection {
         );
         self.emit(EventKind::Connect, None).await;
         for delivery in &replay.entries {
-            self.deliver(socket, delivery, false).await.map_err(gone)?;
+            self.deliver(socket, mailbox, delivery, false)
+                .await
+                .map_err(gone)?;
         }
         // ...then go live.
         Ok(())
@@ -297,7 +303,7 @@ impl Connection {
                     Event::Deliver(delivery) => {
                         // Boxed, like every branch's work below, so the
                         // connection's resting future stays small (trap 12).
-                        if Box::pin(self.deliver(socket, &delivery, true)).await.is_err() {
+                        if Box::pin(self.deliver(socket, mailbox, &delivery, true)).await.is_err() {
                             return End::Gone { code: None };
                         }
                     }
@@ -702,9 +708,13 @@ impl Connection {
     async fn deliver<S: Socket>(
         &mut self,
         socket: &mut S,
+        mailbox: &Mailbox,
         delivery: &Arc<Delivery>,
         live: bool,
     ) -> Result<(), Gone> {
+        if delivery.resync {
+            self.forget_fill_retry(&delivery.channel);
+        }
         let log = match &delivery.channel {
             None => LogId::Session,
             Some(channel) => LogId::Channel(channel),
@@ -735,13 +745,13 @@ impl Connection {
         };
         let entries = match replay {
             Ok(r) => r.entries,
-            Err(e) if delivery.resync => {
-                tracing::warn!(error = %e, "cannot catch up from the log now");
-                return Ok(());
-            }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot fill a hole from the log; delivering what arrived");
-                vec![delivery.clone()]
+                // Writing what arrived would skip the hole for good (the
+                // cursor moves past it): nothing is written, and the log is
+                // read again after the repair period, hole and all.
+                tracing::warn!(error = %e, "cannot fill a hole from the log; retrying after the repair period");
+                self.schedule_fill_retry(mailbox, &delivery.channel);
+                return Ok(());
             }
         };
         for entry in &entries {
@@ -751,6 +761,33 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Posts a resync notice for the log to this connection's own mailbox
+    /// after `--delivery-repair-ms`, once per log until it is read.
+    fn schedule_fill_retry(&mut self, mailbox: &Mailbox, channel: &Option<ChannelName>) {
+        let pending = self.fill_retries.get_or_insert_with(Default::default);
+        if pending.contains(channel) {
+            return;
+        }
+        pending.push(channel.clone());
+        self.state.metrics.fill_retries.inc();
+        let (mailbox, channel) = (mailbox.clone(), channel.clone());
+        let after = Duration::from_millis(self.state.config.delivery_repair_ms);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            // A full mailbox closes the connection 1013: the client resumes.
+            mailbox.offer(&Arc::new(Delivery::resync(channel)));
+        });
+    }
+
+    fn forget_fill_retry(&mut self, channel: &Option<ChannelName>) {
+        if let Some(pending) = &mut self.fill_retries {
+            pending.retain(|c| c != channel);
+            if pending.is_empty() {
+                self.fill_retries = None;
+            }
+        }
     }
 
     async fn write_delivery<S: Socket>(

@@ -111,6 +111,12 @@ impl LocalChannel {
         true
     }
 
+    /// The log's head is past what was offered here (and a reference point
+    /// is known: before it, anything is offered).
+    pub fn behind(&self, head: Offset) -> bool {
+        self.started && self.cursor.is_none_or(|c| head > c)
+    }
+
     /// A hole waits to be filled or a catch-up was asked for, and none
     /// runs: the repair loop retries.
     pub fn stalled(&self) -> bool {

@@ -1292,6 +1292,17 @@ mod tests {
         lose: Mutex<Vec<String>>,
         /// The connection's real mailbox, to send resync notices to.
         target: Mutex<Option<Mailbox>>,
+        /// Log reads to fail from now on (Redis timing out).
+        failing_reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl LossyHop {
+        fn read_fails(&self) -> bool {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.failing_reads
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        }
     }
 
     #[async_trait]
@@ -1335,6 +1346,9 @@ mod tests {
             s: &SessionId,
             a: Option<Offset>,
         ) -> crate::bus::Result<Replay> {
+            if self.read_fails() {
+                return Err(crate::bus::BusError::Timeout("log read".into()));
+            }
             self.inner.session_log(s, a).await
         }
         async fn channel_log(
@@ -1392,6 +1406,7 @@ mod tests {
                 )),
                 lose: Mutex::new(lose),
                 target: Mutex::new(None),
+                failing_reads: Default::default(),
             });
             *keep.lock().unwrap() = Some(bus.clone());
             bus
@@ -1439,6 +1454,32 @@ mod tests {
         assert_eq!(data_of_next_messages(&mut peer, 1).await, vec![2]);
         // A second notice with nothing new writes nothing.
         target.offer(&Arc::new(Delivery::resync(None)));
+        peer.send(json!({"type":"ping","id":1}));
+        assert_eq!(peer.json().await["type"], "pong");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hole_that_cannot_be_filled_now_is_filled_after_the_repair_period() {
+        let (state, hop) = lossy_state(&[1]);
+        let mut peer = connect(&state, "s1", Grant::anonymous()).await;
+        send(&state, "s1", 0).await;
+        assert_eq!(data_of_next_messages(&mut peer, 1).await, vec![0]);
+        // 1 is lost on the hop, and the log read that 2's hole asks for
+        // fails: writing 2 now would skip 1 for good.
+        hop.failing_reads
+            .store(1, std::sync::atomic::Ordering::SeqCst);
+        let sent = Instant::now();
+        send(&state, "s1", 1).await;
+        send(&state, "s1", 2).await;
+        assert_eq!(data_of_next_messages(&mut peer, 2).await, vec![1, 2]);
+        let waited = sent.elapsed();
+        let bound = Duration::from_millis(state.config.delivery_repair_ms);
+        assert!(
+            waited >= bound && waited < bound * 2,
+            "filled {waited:?} after the failed read, bound {bound:?}"
+        );
+        assert_eq!(state.metrics.fill_retries.get(), 1);
+        // Nothing more: no duplicates.
         peer.send(json!({"type":"ping","id":1}));
         assert_eq!(peer.json().await["type"], "pong");
     }

@@ -77,7 +77,9 @@ pub struct Connection {
     /// 1008 then, unless a `refresh` moves it.
     expires: Option<Instant>,
     /// Logs whose fill from the log failed and is retried after
-    /// `--delivery-repair-ms` (`None`: the session's log). Boxed: rare.
+    /// `--delivery-repair-ms` (`None`: the session's log). Boxed: rare, and
+    /// 8 bytes on every connection instead of a `Vec`'s 24.
+    #[allow(clippy::box_collection)]
     fill_retries: Option<Box<Vec<Option<ChannelName>>>>,
 }
 

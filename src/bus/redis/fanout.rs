@@ -297,4 +297,22 @@ mod tests {
         local.catching_up = false;
         assert!(local.stalled());
     }
+
+    #[test]
+    fn behind_the_head_only_once_a_reference_point_is_known() {
+        let mut local = LocalChannel::default();
+        assert!(
+            !local.behind(o(5)),
+            "before the first head: anything is offered"
+        );
+        local.start_at(Some(o(5)));
+        assert!(!local.behind(o(5)));
+        assert!(local.behind(o(6)));
+        let mut empty = LocalChannel::default();
+        empty.start_at(None);
+        assert!(
+            empty.behind(o(1)),
+            "an empty log's first entry not offered yet"
+        );
+    }
 }

@@ -746,6 +746,25 @@ impl Connection {
             None => bus.session_log(&self.session, after).await,
         };
         let entries = match replay {
+            Ok(r) if r.gap => {
+                // Retention dropped part of the hole before it could be
+                // read: writing past it would hide the loss. Closed 1013
+                // instead; the client resumes with `last` and its welcome
+                // reports the gap.
+                let kind = if delivery.channel.is_some() {
+                    "channel"
+                } else {
+                    "session"
+                };
+                self.state
+                    .metrics
+                    .replay_gaps
+                    .with_label_values(&[kind])
+                    .inc();
+                tracing::warn!(session = %self.session, "entries of a hole were trimmed before they could be read; closing so the client resumes and learns of the gap");
+                mailbox.close(CloseReason::SlowConsumer);
+                return Ok(());
+            }
             Ok(r) => r.entries,
             Err(e) => {
                 // Writing what arrived would skip the hole for good (the
@@ -1395,6 +1414,10 @@ mod tests {
     }
 
     fn lossy_state(lose: &[u64]) -> (Arc<AppState>, Arc<LossyHop>) {
+        lossy_state_with(lose, retention())
+    }
+
+    fn lossy_state_with(lose: &[u64], retention: Retention) -> (Arc<AppState>, Arc<LossyHop>) {
         let hop: Arc<Mutex<Option<Arc<LossyHop>>>> = Default::default();
         let keep = hop.clone();
         let lose: Vec<String> = lose.iter().map(|n| n.to_string()).collect();
@@ -1402,7 +1425,7 @@ mod tests {
             let bus = Arc::new(LossyHop {
                 inner: Arc::new(MemoryBus::new(
                     pod,
-                    retention(),
+                    retention,
                     MemoryLimits::UNLIMITED,
                     metrics,
                 )),
@@ -1484,5 +1507,31 @@ mod tests {
         // Nothing more: no duplicates.
         peer.send(json!({"type":"ping","id":1}));
         assert_eq!(peer.json().await["type"], "pong");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hole_that_retention_trimmed_closes_1013_instead_of_skipping() {
+        let two = Retention {
+            max_messages: 2,
+            max_age_ms: 300_000,
+        };
+        let (state, _hop) = lossy_state_with(&[1, 2], two);
+        let mut peer = connect(&state, "s1", Grant::anonymous()).await;
+        send(&state, "s1", 0).await;
+        assert_eq!(data_of_next_messages(&mut peer, 1).await, vec![0]);
+        // 1 and 2 are lost on the hop and 1 is trimmed (2 retained) before
+        // 3 reveals the hole: the client must not get 2, 3 as if complete.
+        for n in 1..4 {
+            send(&state, "s1", n).await;
+        }
+        assert_eq!(peer.close_code().await, Some(close::TRY_LATER));
+        assert_eq!(
+            state
+                .metrics
+                .replay_gaps
+                .with_label_values(&["session"])
+                .get(),
+            1
+        );
     }
 }

@@ -197,6 +197,21 @@ impl RedisBus {
                 return;
             };
             let entries = match replay {
+                Ok(r) if r.gap => {
+                    // Retention dropped entries this pod had not offered
+                    // yet: every subscriber here missed them. Each is closed
+                    // 1013 and resubscribes with `since`, whose ack reports
+                    // the gap; offering past it would hide the loss.
+                    for subscriber in &local.subscribers {
+                        subscriber.close(crate::protocol::close::CloseReason::SlowConsumer);
+                    }
+                    self.metrics
+                        .replay_gaps
+                        .with_label_values(&["channel"])
+                        .inc();
+                    tracing::warn!(%channel, subscribers = local.subscribers.len(), "entries of a hole were trimmed from the channel log before this pod offered them; closing its subscribers so they resume and learn of the gap");
+                    r.entries
+                }
                 Ok(r) => r.entries,
                 Err(e) => {
                     // The hole stays marked; the repair loop tries again

@@ -746,7 +746,10 @@ impl Connection {
             None => bus.session_log(&self.session, after).await,
         };
         let entries = match replay {
-            Ok(r) if r.gap => {
+            // Only for a live hole: a resync notice also follows Redis
+            // losing the log, which the ownership path answers (1012, and
+            // the resume reports the gap).
+            Ok(r) if r.gap && !delivery.resync => {
                 // Retention dropped part of the hole before it could be
                 // read: writing past it would hide the loss. Closed 1013
                 // instead; the client resumes with `last` and its welcome

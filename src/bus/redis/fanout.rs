@@ -197,7 +197,9 @@ impl RedisBus {
                 return;
             };
             let entries = match replay {
-                Ok(r) if r.gap => {
+                // Only for holes: the other catch-ups also follow Redis
+                // losing the log, which the ownership path answers (1012).
+                Ok(r) if r.gap && reason == "hole" => {
                     // Retention dropped entries this pod had not offered
                     // yet: every subscriber here missed them. Each is closed
                     // 1013 and resubscribes with `since`, whose ack reports

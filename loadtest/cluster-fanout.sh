@@ -11,7 +11,8 @@
 #   loadtest/cluster-fanout.sh                 # 1,000 subscribers, 300/s, 10 s
 #   RATE=500 SUBSCRIBERS=1000 loadtest/cluster-fanout.sh
 #
-# Env: SUBSCRIBERS (1000), RATE (300), DURATION (10), SETTLE (6), OUT
+# Env: SUBSCRIBERS (1000), RATE (300), DURATION (10), SETTLE (6), WSFLEET (the
+# server binary, target/release/wsfleet), OUT
 # (loadtest/results), TAG (name of the result files), POD_FLAGS (extra
 # `wsfleet serve` flags). Loopback only; every process it starts is stopped
 # on exit. Needs a release build (`cargo build --release -p wsfleet -p wsfleet-bench`).
@@ -26,7 +27,7 @@ TAG=${TAG:-fanout-$SUBSCRIBERS-$RATE}
 REDIS_PORT=${REDIS_PORT:-16600}
 POD_FLAGS=${POD_FLAGS:-}
 mkdir -p "$OUT"
-WSFLEET=target/release/wsfleet
+WSFLEET=${WSFLEET:-target/release/wsfleet}
 BENCH=target/release/wsfleet-bench
 DIR=$(mktemp -d)
 pids=()

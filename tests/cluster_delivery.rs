@@ -11,7 +11,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::redis::{Pod, RedisOptions, RedisServer, xrange};
+use common::redis::{Pod, RedisOptions, RedisServer, signal, xrange};
 use common::{Client, http, metric};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -389,5 +389,213 @@ async fn channel_holes_are_filled_once_per_pod_not_once_per_subscriber() {
     assert!(
         read < SUBSCRIBERS as f64,
         "{read} log reads for {ROUNDS} holes among {SUBSCRIBERS} subscribers"
+    );
+}
+
+/// Reads `client` for `quiet` and fails on any message frame: what was
+/// expected arrived exactly once, nothing repeats after it.
+async fn assert_no_more_messages(client: &mut Client, quiet: Duration, what: &str) {
+    let until = Instant::now() + quiet;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        let Ok(next) = tokio::time::timeout(left, client.ws.next()).await else {
+            return;
+        };
+        match next {
+            Some(Ok(Message::Text(t))) => {
+                let frame: Value = serde_json::from_str(&t).expect("JSON frame");
+                assert_ne!(frame["type"], "message", "{what}: delivered twice: {frame}");
+            }
+            Some(Ok(_)) => {}
+            other => panic!("{what}: connection ended: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_trimmed_from_the_inbox_before_they_are_read_arrive_within_the_bound() {
+    let _serial = SERIAL.lock().await;
+    let redis = redis().await;
+    let a = Pod::start("pod-a", &redis.url(), &flags(&[])).await;
+    let b = Pod::start("pod-b", &redis.url(), &flags(&[])).await;
+    let (mut quiet, _) = b.session("trim-1").await;
+    let mut subscriber = subscribe(&b, "sub-trim", "trimmed").await;
+    let before = send_direct(&a, "trim-1", 1, "before").await;
+    expect_messages(&mut quiet, None, &before, Instant::now(), "before").await;
+
+    // Freeze pod-b past its blocking read (1 s), so that no read of its is
+    // waiting in Redis to be served the entries; route to it, then trim
+    // its inbox to nothing: the routes succeeded, no hint names the logs,
+    // and nothing later is sent that would reveal a hole.
+    assert!(signal(b.pid(), "-STOP"), "SIGSTOP pod-b");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let direct = send_direct(&a, "trim-1", 2, "trimmed").await;
+    let published = publish(&a, "trimmed", 2, "trimmed").await;
+    let len = redis.cli(&["XLEN", "wsf:inbox:{pod-b}"]).await;
+    let trimmed = redis
+        .cli(&["XTRIM", "wsf:inbox:{pod-b}", "MAXLEN", "0"])
+        .await;
+    assert!(signal(b.pid(), "-CONT"), "SIGCONT pod-b");
+    let resumed_at = Instant::now();
+    assert_eq!(len.trim(), "4", "the 4 routes reached the inbox");
+    assert_eq!(trimmed.trim(), "4", "and were trimmed unread");
+
+    expect_messages(&mut quiet, None, &direct, resumed_at, "trimmed direct").await;
+    expect_messages(
+        &mut subscriber,
+        Some("trimmed"),
+        &published,
+        resumed_at,
+        "trimmed channel",
+    )
+    .await;
+    assert_no_more_messages(&mut quiet, BOUND, "trimmed direct").await;
+    assert_no_more_messages(&mut subscriber, Duration::ZERO, "trimmed channel").await;
+    let repairs = metrics(&b).await;
+    assert!(
+        metric(
+            &repairs,
+            "wsfleet_route_repairs_total{reason=\"head_check\"}"
+        ) >= 1.0,
+        "the head check repaired the session:\n{repairs}"
+    );
+    assert!(metric(&repairs, "wsfleet_route_heads_checked_total") >= 2.0);
+}
+
+/// What one subscriber of the burst test saw.
+#[derive(Debug, Default)]
+struct Seen {
+    offsets: Vec<String>,
+    duplicates: usize,
+    out_of_order: usize,
+    /// The close code, if the server closed the connection.
+    closed: Option<u16>,
+}
+
+/// Reads channel messages until `want` distinct ones arrived, the
+/// connection ended, or `within` passed.
+async fn read_burst(mut client: Client, want: usize, within: Duration) -> Seen {
+    let until = Instant::now() + within;
+    let mut seen = Seen::default();
+    let mut newest: Option<(u64, u64)> = None;
+    while seen.offsets.len() < want {
+        let left = until.saturating_duration_since(Instant::now());
+        let Ok(next) = tokio::time::timeout(left, client.ws.next()).await else {
+            break;
+        };
+        match next {
+            Some(Ok(Message::Text(t))) => {
+                let frame: Value = serde_json::from_str(&t).expect("JSON frame");
+                if frame["type"] != "message" {
+                    continue;
+                }
+                let offset = frame["offset"].as_str().expect("offset").to_string();
+                let key = common::redis::offset_key(&offset);
+                match newest {
+                    Some(n) if key == n => seen.duplicates += 1,
+                    Some(n) if key < n => {
+                        if seen.offsets.contains(&offset) {
+                            seen.duplicates += 1;
+                        } else {
+                            seen.out_of_order += 1;
+                            seen.offsets.push(offset);
+                        }
+                    }
+                    _ => {
+                        newest = Some(key);
+                        seen.offsets.push(offset);
+                    }
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                seen.closed = Some(frame.map(|f| u16::from(f.code)).unwrap_or(1005));
+                break;
+            }
+            Some(Ok(_)) => {}
+            _ => {
+                seen.closed = Some(1006);
+                break;
+            }
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_burst_reaches_every_subscriber_exactly_once_in_order() {
+    let _serial = SERIAL.lock().await;
+    let redis = redis().await;
+    // A short Redis deadline: under the burst some log reads time out,
+    // which is what must never turn into a skipped message.
+    let f = flags(&["--redis-timeout-ms", "200"]);
+    let a = Pod::start("pod-a", &redis.url(), &f).await;
+    let b = Pod::start("pod-b", &redis.url(), &f).await;
+    const SUBSCRIBERS: usize = 50;
+    const PUBLISHES: usize = 500;
+    let mut readers = Vec::new();
+    for i in 0..SUBSCRIBERS {
+        let pod = if i % 2 == 0 { &a } else { &b };
+        let client = subscribe(pod, &format!("burst-sub-{i}"), "burst").await;
+        readers.push(tokio::spawn(read_burst(
+            client,
+            PUBLISHES,
+            Duration::from_secs(12),
+        )));
+    }
+    // Publishes through both pods, 16 in flight: routes race each other
+    // and the local fast path, so holes are routine.
+    let started = Instant::now();
+    let accepted = futures_util::stream::iter(0..PUBLISHES)
+        .map(|i| {
+            let pod = if i % 2 == 0 { &a } else { &b };
+            async move {
+                let (status, body) = pod.post_channel("burst", json!({"i": i})).await;
+                (status, body["offset"].as_str().map(str::to_string))
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    let mut offsets: Vec<String> = accepted
+        .iter()
+        .filter(|(status, _)| *status == 202)
+        .filter_map(|(_, o)| o.clone())
+        .collect();
+    offsets.sort_by_key(|o| common::redis::offset_key(o));
+    let published_in = started.elapsed();
+    assert!(
+        offsets.len() * 10 >= PUBLISHES * 9,
+        "most publishes are accepted: {} of {PUBLISHES}",
+        offsets.len()
+    );
+    let mut closed = 0usize;
+    let mut lost = Vec::new();
+    for (i, reader) in readers.into_iter().enumerate() {
+        let mut seen = reader.await.expect("reader task");
+        if let Some(code) = seen.closed {
+            // A close is not a silent loss: the client resumes with `since`.
+            closed += 1;
+            assert_eq!(code, 1013, "subscriber {i} closed with {code}");
+            continue;
+        }
+        assert_eq!(seen.duplicates, 0, "subscriber {i}: duplicates");
+        assert_eq!(seen.out_of_order, 0, "subscriber {i}: out of order");
+        seen.offsets.retain(|o| offsets.contains(o));
+        if seen.offsets != offsets {
+            lost.push((i, offsets.len() - seen.offsets.len()));
+        }
+    }
+    let overflows = metric(&metrics(&a).await, "wsfleet_queue_overflows_total")
+        + metric(&metrics(&b).await, "wsfleet_queue_overflows_total");
+    assert!(
+        lost.is_empty(),
+        "{} subscribers that stayed connected missed messages (subscriber, missing): {lost:?}; \
+         {} publishes in {published_in:?}",
+        lost.len(),
+        offsets.len()
+    );
+    assert!(
+        closed == 0 || overflows > 0.0,
+        "{closed} subscribers were closed without a queue overflow"
     );
 }

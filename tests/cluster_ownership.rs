@@ -282,9 +282,11 @@ async fn concurrent_claims_on_one_pod_leave_exactly_the_newest_alive() {
 async fn claims_proceed_while_a_wait_for_replicas_is_outstanding() {
     let _serial = SERIAL.lock().await;
     // No replica ever answers this WAIT: it runs for its whole timeout
-    // (half of --redis-timeout-ms).
+    // (half of --redis-timeout-ms). 8 s of it: the session below must
+    // connect inside that window even on a loaded 2-core machine (4 s was
+    // flaky there).
     let redis = RedisServer::start().await;
-    let flags = ["--redis-wait-replicas", "1", "--redis-timeout-ms", "8000"];
+    let flags = ["--redis-wait-replicas", "1", "--redis-timeout-ms", "16000"];
     let a = Pod::start("own-wait", &redis.url(), &flags).await;
     let url = a.http("/v1/sessions/waited/messages");
     let post = tokio::spawn(async move {

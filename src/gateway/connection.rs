@@ -76,6 +76,11 @@ pub struct Connection {
     /// When the token expires (auth mode `jwt`): the connection closes with
     /// 1008 then, unless a `refresh` moves it.
     expires: Option<Instant>,
+    /// Logs whose fill from the log failed and is retried after
+    /// `--delivery-repair-ms` (`None`: the session's log). Boxed: rare, and
+    /// 8 bytes on every connection instead of a `Vec`'s 24.
+    #[allow(clippy::box_collection)]
+    fill_retries: Option<Box<Vec<Option<ChannelName>>>>,
 }
 
 /// How a connection ends.
@@ -145,6 +150,7 @@ impl Connection {
             order: Order::new(last),
             rate,
             expires,
+            fill_retries: None,
         }
     }
 }
@@ -258,7 +264,9 @@ impl Connection {
         );
         self.emit(EventKind::Connect, None).await;
         for delivery in &replay.entries {
-            self.deliver(socket, delivery, false).await.map_err(gone)?;
+            self.deliver(socket, mailbox, delivery, false)
+                .await
+                .map_err(gone)?;
         }
         // ...then go live.
         Ok(())
@@ -299,7 +307,7 @@ impl Connection {
                     Event::Deliver(delivery) => {
                         // Boxed, like every branch's work below, so the
                         // connection's resting future stays small (trap 12).
-                        if Box::pin(self.deliver(socket, &delivery, true)).await.is_err() {
+                        if Box::pin(self.deliver(socket, mailbox, &delivery, true)).await.is_err() {
                             return End::Gone { code: None };
                         }
                     }
@@ -704,9 +712,13 @@ impl Connection {
     async fn deliver<S: Socket>(
         &mut self,
         socket: &mut S,
+        mailbox: &Mailbox,
         delivery: &Arc<Delivery>,
         live: bool,
     ) -> Result<(), Gone> {
+        if delivery.resync {
+            self.forget_fill_retry(&delivery.channel);
+        }
         let log = match &delivery.channel {
             None => LogId::Session,
             Some(channel) => LogId::Channel(channel),
@@ -736,14 +748,36 @@ impl Connection {
             None => bus.session_log(&self.session, after).await,
         };
         let entries = match replay {
-            Ok(r) => r.entries,
-            Err(e) if delivery.resync => {
-                tracing::warn!(error = %e, "cannot catch up from the log now");
+            // Only for a live hole: a resync notice also follows Redis
+            // losing the log, which the ownership path answers (1012, and
+            // the resume reports the gap).
+            Ok(r) if r.gap && !delivery.resync => {
+                // Retention dropped part of the hole before it could be
+                // read: writing past it would hide the loss. Closed 1013
+                // instead; the client resumes with `last` and its welcome
+                // reports the gap.
+                let kind = if delivery.channel.is_some() {
+                    "channel"
+                } else {
+                    "session"
+                };
+                self.state
+                    .metrics
+                    .replay_gaps
+                    .with_label_values(&[kind])
+                    .inc();
+                tracing::warn!(session = %self.session, "entries of a hole were trimmed before they could be read; closing so the client resumes and learns of the gap");
+                mailbox.close(CloseReason::SlowConsumer);
                 return Ok(());
             }
+            Ok(r) => r.entries,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot fill a hole from the log; delivering what arrived");
-                vec![delivery.clone()]
+                // Writing what arrived would skip the hole for good (the
+                // cursor moves past it): nothing is written, and the log is
+                // read again after the repair period, hole and all.
+                tracing::warn!(error = %e, "cannot fill a hole from the log; retrying after the repair period");
+                self.schedule_fill_retry(mailbox, &delivery.channel);
+                return Ok(());
             }
         };
         for entry in &entries {
@@ -753,6 +787,33 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Posts a resync notice for the log to this connection's own mailbox
+    /// after `--delivery-repair-ms`, once per log until it is read.
+    fn schedule_fill_retry(&mut self, mailbox: &Mailbox, channel: &Option<ChannelName>) {
+        let pending = self.fill_retries.get_or_insert_with(Default::default);
+        if pending.contains(channel) {
+            return;
+        }
+        pending.push(channel.clone());
+        self.state.metrics.fill_retries.inc();
+        let (mailbox, channel) = (mailbox.clone(), channel.clone());
+        let after = Duration::from_millis(self.state.config.delivery_repair_ms);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            // A full mailbox closes the connection 1013: the client resumes.
+            mailbox.offer(&Arc::new(Delivery::resync(channel)));
+        });
+    }
+
+    fn forget_fill_retry(&mut self, channel: &Option<ChannelName>) {
+        if let Some(pending) = &mut self.fill_retries {
+            pending.retain(|c| c != channel);
+            if pending.is_empty() {
+                self.fill_retries = None;
+            }
+        }
     }
 
     async fn write_delivery<S: Socket>(
@@ -1263,6 +1324,17 @@ mod tests {
         lose: Mutex<Vec<String>>,
         /// The connection's real mailbox, to send resync notices to.
         target: Mutex<Option<Mailbox>>,
+        /// Log reads to fail from now on (Redis timing out).
+        failing_reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl LossyHop {
+        fn read_fails(&self) -> bool {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.failing_reads
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        }
     }
 
     #[async_trait]
@@ -1306,6 +1378,9 @@ mod tests {
             s: &SessionId,
             a: Option<Offset>,
         ) -> crate::bus::Result<Replay> {
+            if self.read_fails() {
+                return Err(crate::bus::BusError::Timeout("log read".into()));
+            }
             self.inner.session_log(s, a).await
         }
         async fn channel_log(
@@ -1357,6 +1432,10 @@ mod tests {
     }
 
     fn lossy_state(lose: &[u64]) -> (Arc<AppState>, Arc<LossyHop>) {
+        lossy_state_with(lose, retention())
+    }
+
+    fn lossy_state_with(lose: &[u64], retention: Retention) -> (Arc<AppState>, Arc<LossyHop>) {
         let hop: Arc<Mutex<Option<Arc<LossyHop>>>> = Default::default();
         let keep = hop.clone();
         let lose: Vec<String> = lose.iter().map(|n| n.to_string()).collect();
@@ -1364,12 +1443,13 @@ mod tests {
             let bus = Arc::new(LossyHop {
                 inner: Arc::new(MemoryBus::new(
                     pod,
-                    retention(),
+                    retention,
                     MemoryLimits::UNLIMITED,
                     metrics,
                 )),
                 lose: Mutex::new(lose),
                 target: Mutex::new(None),
+                failing_reads: Default::default(),
             });
             *keep.lock().unwrap() = Some(bus.clone());
             bus
@@ -1419,5 +1499,57 @@ mod tests {
         target.offer(&Arc::new(Delivery::resync(None)));
         peer.send(json!({"type":"ping","id":1}));
         assert_eq!(peer.json().await["type"], "pong");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hole_that_cannot_be_filled_now_is_filled_after_the_repair_period() {
+        let (state, hop) = lossy_state(&[1]);
+        let mut peer = connect(&state, "s1", Grant::anonymous()).await;
+        send(&state, "s1", 0).await;
+        assert_eq!(data_of_next_messages(&mut peer, 1).await, vec![0]);
+        // 1 is lost on the hop, and the log read that 2's hole asks for
+        // fails: writing 2 now would skip 1 for good.
+        hop.failing_reads
+            .store(1, std::sync::atomic::Ordering::SeqCst);
+        let sent = Instant::now();
+        send(&state, "s1", 1).await;
+        send(&state, "s1", 2).await;
+        assert_eq!(data_of_next_messages(&mut peer, 2).await, vec![1, 2]);
+        let waited = sent.elapsed();
+        let bound = Duration::from_millis(state.config.delivery_repair_ms);
+        assert!(
+            waited >= bound && waited < bound * 2,
+            "filled {waited:?} after the failed read, bound {bound:?}"
+        );
+        assert_eq!(state.metrics.fill_retries.get(), 1);
+        // Nothing more: no duplicates.
+        peer.send(json!({"type":"ping","id":1}));
+        assert_eq!(peer.json().await["type"], "pong");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hole_that_retention_trimmed_closes_1013_instead_of_skipping() {
+        let two = Retention {
+            max_messages: 2,
+            max_age_ms: 300_000,
+        };
+        let (state, _hop) = lossy_state_with(&[1, 2], two);
+        let mut peer = connect(&state, "s1", Grant::anonymous()).await;
+        send(&state, "s1", 0).await;
+        assert_eq!(data_of_next_messages(&mut peer, 1).await, vec![0]);
+        // 1 and 2 are lost on the hop and 1 is trimmed (2 retained) before
+        // 3 reveals the hole: the client must not get 2, 3 as if complete.
+        for n in 1..4 {
+            send(&state, "s1", n).await;
+        }
+        assert_eq!(peer.close_code().await, Some(close::TRY_LATER));
+        assert_eq!(
+            state
+                .metrics
+                .replay_gaps
+                .with_label_values(&["session"])
+                .get(),
+            1
+        );
     }
 }

@@ -59,6 +59,9 @@ pub struct Metrics {
     pub replay_gaps: IntCounterVec,
     /// Live deliveries that found a hole (or a resync notice) and read the log.
     pub holes_filled: IntCounter,
+    /// Hole fills that could not read the log and are retried after
+    /// `--delivery-repair-ms` instead of delivering past the hole.
+    pub fill_retries: IntCounter,
     /// Embedded mode: estimated heap bytes of retained messages, keys and
     /// entries (what `--max-retained-bytes` bounds).
     pub retained_bytes: IntGauge,
@@ -249,6 +252,11 @@ impl Metrics {
                 r,
                 "wsfleet_holes_filled_total",
                 "Live deliveries that found a hole or a resync notice and read the log"
+            ),
+            fill_retries: counter!(
+                r,
+                "wsfleet_fill_retries_total",
+                "Hole fills whose log read failed, retried after --delivery-repair-ms"
             ),
             retained_bytes: gauge(
                 "wsfleet_retained_bytes",

@@ -111,6 +111,12 @@ impl LocalChannel {
         true
     }
 
+    /// The log's head is past what was offered here (and a reference point
+    /// is known: before it, anything is offered).
+    pub fn behind(&self, head: Offset) -> bool {
+        self.started && self.cursor.is_none_or(|c| head > c)
+    }
+
     /// A hole waits to be filled or a catch-up was asked for, and none
     /// runs: the repair loop retries.
     pub fn stalled(&self) -> bool {
@@ -191,6 +197,23 @@ impl RedisBus {
                 return;
             };
             let entries = match replay {
+                // Only for holes: the other catch-ups also follow Redis
+                // losing the log, which the ownership path answers (1012).
+                Ok(r) if r.gap && reason == "hole" => {
+                    // Retention dropped entries this pod had not offered
+                    // yet: every subscriber here missed them. Each is closed
+                    // 1013 and resubscribes with `since`, whose ack reports
+                    // the gap; offering past it would hide the loss.
+                    for subscriber in &local.subscribers {
+                        subscriber.close(crate::protocol::close::CloseReason::SlowConsumer);
+                    }
+                    self.metrics
+                        .replay_gaps
+                        .with_label_values(&["channel"])
+                        .inc();
+                    tracing::warn!(%channel, subscribers = local.subscribers.len(), "entries of a hole were trimmed from the channel log before this pod offered them; closing its subscribers so they resume and learn of the gap");
+                    r.entries
+                }
                 Ok(r) => r.entries,
                 Err(e) => {
                     // The hole stays marked; the repair loop tries again
@@ -290,5 +313,23 @@ mod tests {
         assert!(!local.stalled());
         local.catching_up = false;
         assert!(local.stalled());
+    }
+
+    #[test]
+    fn behind_the_head_only_once_a_reference_point_is_known() {
+        let mut local = LocalChannel::default();
+        assert!(
+            !local.behind(o(5)),
+            "before the first head: anything is offered"
+        );
+        local.start_at(Some(o(5)));
+        assert!(!local.behind(o(5)));
+        assert!(local.behind(o(6)));
+        let mut empty = LocalChannel::default();
+        empty.start_at(None);
+        assert!(
+            empty.behind(o(1)),
+            "an empty log's first entry not offered yet"
+        );
     }
 }

@@ -74,6 +74,12 @@ pub fn repair(pod: &str) -> String {
     format!("wsf:repair:{{{pod}}}")
 }
 
+/// Set: logs routed to the pod's inbox since its last head check (`s:` +
+/// session, `c:` + channel). Same slot as its inbox.
+pub fn routed(pod: &str) -> String {
+    format!("wsf:routed:{{{pod}}}")
+}
+
 /// String written just before each WAIT on the replica connection: WAIT
 /// covers the writes of its own connection, so this write (made after the
 /// appends it vouches for were acknowledged) carries their replication

@@ -332,22 +332,39 @@ impl RedisBus {
     /// timeout, or no inbox to write to) queues `hint` for the pod, so the
     /// repair loop catches the named log up there within the delivery bound.
     async fn route(&self, pod: &str, fields: &[(&str, &str)], kind: &'static str, hint: Hint) {
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(keys::inbox(pod))
+        let mut pipe = redis::pipe();
+        let xadd = pipe
+            .cmd("XADD")
+            .arg(keys::inbox(pod))
             .arg("NOMKSTREAM")
             .arg("MAXLEN")
             .arg("~")
             .arg(INBOX_MAXLEN)
             .arg("*");
         for (k, v) in fields {
-            cmd.arg(*k).arg(*v);
+            xadd.arg(*k).arg(*v);
+        }
+        // The log is named in the pod's routed set too (same slot as its
+        // inbox, same round trip): if the inbox entry is lost on its way
+        // (trimmed, deleted), the pod's head check finds the log behind.
+        let routed = matches!(hint, Hint::Session(_) | Hint::Channel(_));
+        if routed {
+            let key = keys::routed(pod);
+            pipe.cmd("SADD").arg(&key).arg(hint.encode()).ignore();
+            pipe.cmd("PEXPIRE")
+                .arg(&key)
+                .arg(self.lease_ms() * 2)
+                .ignore();
         }
         let mut conn = self.conn.clone();
         let failure = match self
-            .call("xadd_inbox", cmd.query_async::<Option<String>>(&mut conn))
+            .call(
+                "xadd_inbox",
+                pipe.query_async::<(Option<String>,)>(&mut conn),
+            )
             .await
         {
-            Ok(Some(_)) => {
+            Ok((Some(_),)) => {
                 self.bus_metrics
                     .routed
                     .with_label_values(&[kind, "out"])
@@ -356,7 +373,7 @@ impl RedisBus {
             }
             // NOMKSTREAM: the pod's inbox is gone (deleted, Redis restarted
             // empty, or the pod died and its inbox expired).
-            Ok(None) => "no inbox".to_string(),
+            Ok((None,)) => "no inbox".to_string(),
             Err(e) => e.to_string(),
         };
         self.repair_metrics
@@ -370,10 +387,11 @@ impl RedisBus {
 
     /// Hands a direct message to the local connection of its session.
     fn deliver_local_session(&self, session: &SessionId, delivery: &Arc<Delivery>) {
-        if let Some(owner) = self.sessions.get(session)
-            && owner.mailbox.offer(delivery) == Offer::Overflow
-        {
-            self.metrics.queue_overflows.inc();
+        if let Some(mut owner) = self.sessions.get_mut(session) {
+            owner.offered = owner.offered.max(Some(delivery.offset));
+            if owner.mailbox.offer(delivery) == Offer::Overflow {
+                self.metrics.queue_overflows.inc();
+            }
         }
     }
 

@@ -22,8 +22,8 @@ use rand::Rng;
 use super::keys::SessionKeys;
 use super::{RedisBus, scripts};
 use crate::bus::{Claim, ConnId, Delivery, Holder, Mailbox, Result};
-use crate::protocol::SessionId;
 use crate::protocol::close::CloseReason;
+use crate::protocol::{Offset, SessionId};
 
 /// How long the claim record outlives the last claim or renewal (ms). A
 /// pod cut off from Redis for longer than this, whose connection's records
@@ -60,6 +60,9 @@ pub(super) struct LocalOwner {
     pub local: LocalClaim,
     pub mailbox: Mailbox,
     pub connected_at_ms: u64,
+    /// The newest offset routed to the connection by the bus (not its
+    /// replays): the head check compares it with the log's head.
+    pub offered: Option<Offset>,
 }
 
 /// Whether `incoming` was claimed in Redis after `current` (two claims of
@@ -214,6 +217,7 @@ impl RedisBus {
             local,
             mailbox: mailbox.clone(),
             connected_at_ms,
+            offered: None,
         };
         let loser = match self.sessions.entry(session.clone()) {
             Entry::Vacant(slot) => {

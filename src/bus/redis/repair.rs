@@ -20,6 +20,15 @@
 //! * **The reader lost a reply** after Redis had marked entries delivered
 //!   (timeout): they sit in the pending list; the reader re-reads its
 //!   pending entries (id 0) after every error (`inbox.rs`).
+//! * **An inbox entry vanished after it was written** (the inbox trimmed,
+//!   an entry deleted: nothing failed that a hint could name): every route
+//!   also names its log in the pod's routed set `wsf:routed:{<pod>}` (same
+//!   slot and round trip as the XADD). Every period the pod takes that set
+//!   and, one period later (so entries still on their way have arrived),
+//!   compares each named log's head with what it handed to its local
+//!   connections: a session's newest offered offset, a channel's fan-out
+//!   cursor. A log behind is caught up from the log. The cost is one GET
+//!   per log routed here in the period, never per idle connection (trap 17).
 //! * **The inbox lost entries**: deleted or Redis restarted empty (NOGROUP,
 //!   `inbox.rs`), or so far behind that it would be trimmed: past
 //!   [`INBOX_BACKLOG`] unread entries the pod drops its backlog itself and
@@ -27,8 +36,9 @@
 //!   `MAXLEN` backstop could drop entries unnoticed.
 //!
 //! The bound: a hint queued at `t` is written by `t + period` and taken by
-//! the owner by `t + 2 * period`, so the period is half the configured bound
-//! (plus the round trips and the log read).
+//! the owner by `t + 2 * period`; a log routed at `t` is taken by
+//! `t + period` and checked by `t + 2 * period`. So the period is half the
+//! configured bound (plus the round trips and the log read).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -37,10 +47,10 @@ use std::time::Duration;
 use prometheus::{IntCounterVec, IntGauge, Opts};
 use tokio_util::sync::CancellationToken;
 
-use super::{RedisBus, keys};
+use super::{RedisBus, keys, parse_offset};
 use crate::bus::Delivery;
 use crate::protocol::close::CloseReason;
-use crate::protocol::{ChannelName, SessionId};
+use crate::protocol::{ChannelName, Offset, SessionId};
 use crate::telemetry::Metrics;
 
 /// Unread inbox entries past which the pod drops its backlog and catches up
@@ -51,6 +61,8 @@ pub(super) const INBOX_BACKLOG: u64 = (super::INBOX_MAXLEN / 2) as u64;
 const MAX_HINTS_PER_POD: usize = 10_000;
 /// Hints taken from the hint set per SPOP.
 const TAKE_BATCH: usize = 1_000;
+/// Head reads in flight at once during a head check.
+const HEAD_READS_IN_FLIGHT: usize = 256;
 
 /// What a pod must catch up, as stored in its hint set.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -192,6 +204,9 @@ pub(super) struct RepairMetrics {
     pub repairs: IntCounterVec,
     /// Hints queued, not yet written.
     pub hints_queued: IntGauge,
+    /// Logs whose head the periodic head check compared with what this pod
+    /// handed to its connections.
+    pub heads_checked: prometheus::IntCounter,
 }
 
 impl RepairMetrics {
@@ -218,12 +233,18 @@ impl RepairMetrics {
                 "Repair hints for other pods not yet written to Redis",
             )
             .expect("gauge"),
+            heads_checked: prometheus::IntCounter::new(
+                "wsfleet_route_heads_checked_total",
+                "Logs routed to this pod whose head was compared with what its connections were handed",
+            )
+            .expect("counter"),
         };
         let r = metrics.registry();
         for c in [
             Box::new(this.route_failures.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(this.repairs.clone()),
             Box::new(this.hints_queued.clone()),
+            Box::new(this.heads_checked.clone()),
         ] {
             if let Err(e) = r.register(c) {
                 tracing::error!(error = %e, "registering a repair metric failed");
@@ -234,12 +255,14 @@ impl RepairMetrics {
 }
 
 /// Every half `--delivery-repair-ms`: write queued hints, take this pod's
-/// hints and repair what they name, retry stalled channel catch-ups, and
-/// watch the inbox backlog.
+/// hints and repair what they name, retry stalled channel catch-ups, watch
+/// the inbox backlog, and check the heads of the logs routed here.
 pub async fn run(bus: Arc<RedisBus>, shutdown: CancellationToken) {
     let period = (bus.opts.delivery_repair / 2).max(Duration::from_millis(20));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Logs taken from the routed set last period: checked this period.
+    let mut due: HashSet<Hint> = HashSet::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -248,6 +271,131 @@ pub async fn run(bus: Arc<RedisBus>, shutdown: CancellationToken) {
         write_hints(&bus).await;
         take_hints(&bus).await;
         retry_stalled_channels(&bus);
+        check_heads(&bus, std::mem::take(&mut due)).await;
+        due = take_routed(&bus).await;
+    }
+}
+
+/// Takes the set of logs routed to this pod since the last take.
+async fn take_routed(bus: &RedisBus) -> HashSet<Hint> {
+    let key = keys::routed(&bus.pod.name);
+    let mut taken = HashSet::new();
+    loop {
+        let mut conn = bus.conn.clone();
+        let mut spop = redis::cmd("SPOP");
+        spop.arg(&key).arg(TAKE_BATCH);
+        let members: Vec<String> = match bus.call("spop_routed", spop.query_async(&mut conn)).await
+        {
+            Ok(m) => m,
+            // Left in the set: taken next period.
+            Err(_) => return taken,
+        };
+        let full = members.len() >= TAKE_BATCH;
+        taken.extend(members.iter().filter_map(|m| Hint::decode(m)));
+        if !full {
+            return taken;
+        }
+    }
+}
+
+/// What one head check found behind for one log.
+enum Behind {
+    Session(SessionId),
+    Channel(ChannelName),
+}
+
+/// Compares the head of each routed log (that still has a connection
+/// here) with what this pod handed to its connections, and catches up the
+/// ones behind: their inbox entry was lost after it was written.
+async fn check_heads(bus: &RedisBus, due: HashSet<Hint>) {
+    let logs: Vec<Hint> = due
+        .into_iter()
+        .filter(|hint| match hint {
+            Hint::Session(s) => bus.sessions.contains_key(s),
+            Hint::Channel(c) => bus.channels.contains_key(c),
+            _ => false,
+        })
+        .collect();
+    if logs.is_empty() {
+        return;
+    }
+    let mut behind = Vec::new();
+    for chunk in logs.chunks(HEAD_READS_IN_FLIGHT) {
+        let reads = chunk.iter().map(|hint| async move {
+            let key = match hint {
+                Hint::Session(s) => keys::SessionKeys::new(s).head,
+                Hint::Channel(c) => keys::ChannelKeys::new(c).head,
+                _ => return None,
+            };
+            let mut conn = bus.conn.clone();
+            let head: Option<String> = bus
+                .call(
+                    "get_head",
+                    redis::cmd("GET").arg(&key).query_async(&mut conn),
+                )
+                .await
+                .ok()?;
+            Some((hint, head.as_deref().and_then(parse_offset)?))
+        });
+        for (hint, head) in futures_util::future::join_all(reads)
+            .await
+            .into_iter()
+            .flatten()
+        {
+            if let Some(b) = is_behind(bus, hint, head) {
+                behind.push(b);
+            }
+        }
+    }
+    bus.repair_metrics.heads_checked.inc_by(logs.len() as u64);
+    if behind.is_empty() {
+        return;
+    }
+    let (mut sessions, mut channels) = (0usize, 0usize);
+    for b in behind {
+        match b {
+            Behind::Session(session) => {
+                if let Some(owner) = bus.sessions.get(&session) {
+                    owner.mailbox.offer(&Arc::new(Delivery::resync(None)));
+                    sessions += 1;
+                }
+            }
+            Behind::Channel(channel) => {
+                bus.catch_up_channel(&channel, "head_check");
+                channels += 1;
+            }
+        }
+    }
+    bus.repair_metrics
+        .repairs
+        .with_label_values(&["head_check"])
+        .inc_by(sessions as u64);
+    tracing::info!(
+        sessions,
+        channels,
+        "logs routed here are ahead of what their connections got: catching up from the logs"
+    );
+}
+
+/// Whether the log named by `hint` has entries past what this pod handed
+/// over; a session's offered offset moves to the head, so one loss costs
+/// one catch-up.
+fn is_behind(bus: &RedisBus, hint: &Hint, head: Offset) -> Option<Behind> {
+    match hint {
+        Hint::Session(s) => {
+            let mut owner = bus.sessions.get_mut(s)?;
+            if owner.offered.is_some_and(|o| o >= head) {
+                return None;
+            }
+            owner.offered = Some(head);
+            Some(Behind::Session(s.clone()))
+        }
+        Hint::Channel(c) => bus
+            .channels
+            .get(c)?
+            .behind(head)
+            .then(|| Behind::Channel(c.clone())),
+        _ => None,
     }
 }
 

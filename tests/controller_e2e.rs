@@ -12,21 +12,16 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use k8s_openapi::api::coordination::v1::Lease;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use common::kube_api::FakeApi;
 use common::redis::{Pod, RedisServer};
-use wsfleet::bus::redis::{FleetRegistry, Target};
 use wsfleet::config::ScaleMode;
-use wsfleet::controller::PodSource;
 use wsfleet::controller::decide::{RebalancePolicy, ScalePolicy};
-use wsfleet::controller::k8s::{Cluster, PodView};
-use wsfleet::controller::lease::Elector;
 use wsfleet::controller::metrics::ControllerMetrics;
-use wsfleet::controller::reconcile::{FleetView, Reconciler, Settings};
+use wsfleet::controller::reconcile::{Reconciler, Settings};
 use wsfleet::protocol::Offset;
 
 /// Pods flags: a 3 s lease makes the pods read orders and report every
@@ -41,24 +36,6 @@ const POD_FLAGS: &[&str] = &[
     "--heartbeat-s",
     "600",
 ];
-
-/// The pods Kubernetes would list: all alive.
-struct FixedPods(Vec<String>);
-
-impl PodSource for FixedPods {
-    fn current(&self) -> Option<Vec<PodView>> {
-        Some(
-            self.0
-                .iter()
-                .map(|name| PodView {
-                    name: name.clone(),
-                    alive: true,
-                    deletion_cost: None,
-                })
-                .collect(),
-        )
-    }
-}
 
 /// Round-robin over the pods whose /readyz answers 200.
 struct LoadBalancer {
@@ -282,24 +259,6 @@ async fn reconciler(
     rebalance: Option<RebalancePolicy>,
     replicas: i32,
 ) -> (Reconciler, FakeApi, ControllerMetrics) {
-    let (client, api) = FakeApi::start(replicas);
-    let registry = FleetRegistry::connect(
-        Target {
-            urls: vec![fleet.redis_url.clone()],
-            cluster: false,
-            ca_pem: None,
-        },
-        Duration::from_secs(2),
-    )
-    .await
-    .expect("registry");
-    let elector = Elector::new(
-        kube::Api::<Lease>::namespaced(client.clone(), "fleet"),
-        "wsfleet-controller",
-        "ctl-0",
-        15_000,
-    );
-    let metrics = ControllerMetrics::new();
     let settings = Settings {
         mode,
         scale,
@@ -307,19 +266,8 @@ async fn reconciler(
         drain_timeout_ms: 20_000,
         order_latency_ms: 2_500,
     };
-    let pods = Arc::new(FixedPods(
-        fleet.pods.iter().map(|p| p.name.clone()).collect(),
-    ));
-    let reconciler = Reconciler::new(
-        settings,
-        Cluster::new(client, "fleet", "wsfleet", "ctl-0"),
-        registry,
-        elector,
-        pods,
-        metrics.clone(),
-        Arc::new(RwLock::new(FleetView::default())),
-    );
-    (reconciler, api, metrics)
+    let pods = fleet.pods.iter().map(|p| p.name.clone()).collect();
+    common::kube_api::reconciler(&fleet.redis_url, pods, settings, replicas).await
 }
 
 /// Stops the traffic and checks every client got every accepted message
@@ -392,17 +340,7 @@ async fn after_a_scale_out_the_rebalancer_evens_the_fleet_out_without_losing_any
         // check below sees.
         interval_ms: 3_000,
     };
-    let scale = ScalePolicy {
-        target_per_pod: 100,
-        headroom: 0.0,
-        min_replicas: 1,
-        max_replicas: 10,
-        scale_up_after_ms: 0,
-        scale_down_window_ms: 0,
-        scale_down_step: 1,
-        scale_down_every_ms: 0,
-        tolerance: 0.1,
-    };
+    let scale = common::kube_api::immediate_scaling(100);
     let (mut controller, api, metrics) =
         reconciler(&fleet, ScaleMode::Metrics, scale, Some(policy), 4).await;
     let start = Instant::now();
@@ -482,17 +420,7 @@ async fn after_a_scale_out_the_rebalancer_evens_the_fleet_out_without_losing_any
 async fn a_scale_down_drains_the_emptiest_pod_first_then_lowers_replicas() {
     // 3 pods, 30 connections: a target of 20 per pod wants 2 pods.
     let fleet = fleet(3, 0, 30).await;
-    let scale = ScalePolicy {
-        target_per_pod: 20,
-        headroom: 0.0,
-        min_replicas: 1,
-        max_replicas: 10,
-        scale_up_after_ms: 0,
-        scale_down_window_ms: 0,
-        scale_down_step: 1,
-        scale_down_every_ms: 0,
-        tolerance: 0.1,
-    };
+    let scale = common::kube_api::immediate_scaling(20);
     let (mut controller, api, _) = reconciler(&fleet, ScaleMode::Scale, scale, None, 3).await;
     let before = spread(&fleet.pods).await;
     let start = Instant::now();

@@ -4,39 +4,14 @@
 
 mod common;
 
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
-
-use k8s_openapi::api::coordination::v1::Lease;
 use serde_json::json;
 
 use common::kube_api::FakeApi;
 use common::redis::RedisServer;
-use wsfleet::bus::redis::{FleetRegistry, Target};
 use wsfleet::config::ScaleMode;
-use wsfleet::controller::PodSource;
-use wsfleet::controller::decide::{RebalancePolicy, ScalePolicy};
-use wsfleet::controller::k8s::{Cluster, PodView};
-use wsfleet::controller::lease::Elector;
+use wsfleet::controller::decide::RebalancePolicy;
 use wsfleet::controller::metrics::ControllerMetrics;
-use wsfleet::controller::reconcile::{FleetView, Reconciler, Settings};
-
-struct FixedPods(Vec<&'static str>);
-
-impl PodSource for FixedPods {
-    fn current(&self) -> Option<Vec<PodView>> {
-        Some(
-            self.0
-                .iter()
-                .map(|n| PodView {
-                    name: n.to_string(),
-                    alive: true,
-                    deletion_cost: None,
-                })
-                .collect(),
-        )
-    }
-}
+use wsfleet::controller::reconcile::{Reconciler, Settings};
 
 /// Writes a pod's report the way its upkeep does.
 async fn report(redis: &RedisServer, pod: &str, connections: usize) {
@@ -55,41 +30,15 @@ async fn orders(redis: &RedisServer) -> String {
     redis.cli(&["HGETALL", "wsf:ctl"]).await
 }
 
-fn scale_policy() -> ScalePolicy {
-    ScalePolicy {
-        target_per_pod: 100,
-        headroom: 0.0,
-        min_replicas: 1,
-        max_replicas: 10,
-        scale_up_after_ms: 0,
-        scale_down_window_ms: 0,
-        scale_down_step: 1,
-        scale_down_every_ms: 0,
-        tolerance: 0.1,
-    }
-}
-
 async fn controller(
     redis_url: &str,
     mode: ScaleMode,
     pods: Vec<&'static str>,
     replicas: i32,
 ) -> (Reconciler, FakeApi, ControllerMetrics) {
-    let (client, api) = FakeApi::start(replicas);
-    let registry = FleetRegistry::connect(
-        Target {
-            urls: vec![redis_url.to_string()],
-            cluster: false,
-            ca_pem: None,
-        },
-        Duration::from_millis(500),
-    )
-    .await
-    .expect("registry");
-    let metrics = ControllerMetrics::new();
     let settings = Settings {
         mode,
-        scale: scale_policy(),
+        scale: common::kube_api::immediate_scaling(100),
         rebalance: Some(RebalancePolicy {
             tolerance: 0.1,
             per_pod_per_s: 100,
@@ -99,21 +48,8 @@ async fn controller(
         drain_timeout_ms: 10_000,
         order_latency_ms: 1_000,
     };
-    let reconciler = Reconciler::new(
-        settings,
-        Cluster::new(client.clone(), "fleet", "wsfleet", "ctl-0"),
-        registry,
-        Elector::new(
-            kube::Api::<Lease>::namespaced(client, "fleet"),
-            "wsfleet-controller",
-            "ctl-0",
-            15_000,
-        ),
-        Arc::new(FixedPods(pods)),
-        metrics.clone(),
-        Arc::new(RwLock::new(FleetView::default())),
-    );
-    (reconciler, api, metrics)
+    let pods = pods.into_iter().map(String::from).collect();
+    common::kube_api::reconciler(redis_url, pods, settings, replicas).await
 }
 
 #[tokio::test]

@@ -756,16 +756,7 @@ impl Connection {
             // two agree on 1012 whichever comes first); the resume from the
             // old `last` reports the gap.
             Ok(r) if r.gap && delivery.resync => {
-                let kind = if delivery.channel.is_some() {
-                    "channel"
-                } else {
-                    "session"
-                };
-                self.state
-                    .metrics
-                    .replay_gaps
-                    .with_label_values(&[kind])
-                    .inc();
+                self.count_gap(&delivery.channel);
                 tracing::warn!(session = %self.session, "a catch-up found entries trimmed or lost; asking the client to resume so it learns of the gap");
                 let jitter = self.state.config.reconnect_jitter_ms;
                 mailbox.close(CloseReason::Drain {
@@ -778,16 +769,7 @@ impl Connection {
                 // read: writing past it would hide the loss. Closed 1013
                 // instead; the client resumes with `last` and its welcome
                 // reports the gap.
-                let kind = if delivery.channel.is_some() {
-                    "channel"
-                } else {
-                    "session"
-                };
-                self.state
-                    .metrics
-                    .replay_gaps
-                    .with_label_values(&[kind])
-                    .inc();
+                self.count_gap(&delivery.channel);
                 tracing::warn!(session = %self.session, "entries of a hole were trimmed before they could be read; closing so the client resumes and learns of the gap");
                 mailbox.close(CloseReason::SlowConsumer);
                 return Ok(());
@@ -809,6 +791,20 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// A gap found while filling a hole, by log kind.
+    fn count_gap(&self, channel: &Option<ChannelName>) {
+        let kind = if channel.is_some() {
+            "channel"
+        } else {
+            "session"
+        };
+        self.state
+            .metrics
+            .replay_gaps
+            .with_label_values(&[kind])
+            .inc();
     }
 
     /// Posts a resync notice for the log to this connection's own mailbox

@@ -174,3 +174,84 @@ fn not_found() -> Value {
     json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure",
            "message":"not found (fake)","reason":"NotFound","code":404})
 }
+
+/// The pods Kubernetes would list: all alive, none annotated.
+pub struct FixedPods(pub Vec<String>);
+
+impl wsfleet::controller::PodSource for FixedPods {
+    fn current(&self) -> Option<Vec<wsfleet::controller::k8s::PodView>> {
+        Some(
+            self.0
+                .iter()
+                .map(|name| wsfleet::controller::k8s::PodView {
+                    name: name.clone(),
+                    alive: true,
+                    deletion_cost: None,
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Scaling that acts at once: no delays, windows or step intervals.
+pub fn immediate_scaling(target_per_pod: usize) -> wsfleet::controller::decide::ScalePolicy {
+    wsfleet::controller::decide::ScalePolicy {
+        target_per_pod,
+        headroom: 0.0,
+        min_replicas: 1,
+        max_replicas: 10,
+        scale_up_after_ms: 0,
+        scale_down_window_ms: 0,
+        scale_down_step: 1,
+        scale_down_every_ms: 0,
+        tolerance: 0.1,
+    }
+}
+
+/// A controller (identity `ctl-0`) over a fake API whose Deployment has
+/// `replicas`, the fleet registry at `redis_url`, and `pods`.
+pub async fn reconciler(
+    redis_url: &str,
+    pods: Vec<String>,
+    settings: wsfleet::controller::reconcile::Settings,
+    replicas: i32,
+) -> (
+    wsfleet::controller::reconcile::Reconciler,
+    FakeApi,
+    wsfleet::controller::metrics::ControllerMetrics,
+) {
+    use wsfleet::bus::redis::{FleetRegistry, Target};
+    use wsfleet::controller::k8s::Cluster;
+    use wsfleet::controller::lease::Elector;
+    use wsfleet::controller::metrics::ControllerMetrics;
+    use wsfleet::controller::reconcile::{FleetView, Reconciler};
+
+    let (client, api) = FakeApi::start(replicas);
+    let registry = FleetRegistry::connect(
+        Target {
+            urls: vec![redis_url.to_string()],
+            cluster: false,
+            ca_pem: None,
+        },
+        std::time::Duration::from_secs(2),
+    )
+    .await
+    .expect("registry");
+    let elector = Elector::new(
+        kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), "fleet"),
+        "wsfleet-controller",
+        "ctl-0",
+        15_000,
+    );
+    let metrics = ControllerMetrics::new();
+    let reconciler = Reconciler::new(
+        settings,
+        Cluster::new(client, "fleet", "wsfleet", "ctl-0"),
+        registry,
+        elector,
+        Arc::new(FixedPods(pods)),
+        metrics.clone(),
+        Arc::new(std::sync::RwLock::new(FleetView::default())),
+    );
+    (reconciler, api, metrics)
+}

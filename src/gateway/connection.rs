@@ -748,23 +748,10 @@ impl Connection {
             None => bus.session_log(&self.session, after).await,
         };
         let entries = match replay {
-            // A catch-up (resync notice, hint, head check) that finds part
-            // of the log gone: the log was trimmed or Redis lost it. Writing
-            // what is left would move `last` past the loss and the resume
-            // could no longer see it. Asked to reconnect instead, exactly as
-            // the ownership path does when Redis forgot the claim (so the
-            // two agree on 1012 whichever comes first); the resume from the
-            // old `last` reports the gap.
-            Ok(r) if r.gap && delivery.resync => {
-                self.count_gap(&delivery.channel);
-                tracing::warn!(session = %self.session, "a catch-up found entries trimmed or lost; asking the client to resume so it learns of the gap");
-                let jitter = self.state.config.reconnect_jitter_ms;
-                mailbox.close(CloseReason::Drain {
-                    after_ms: rand::rng().random_range(0..=jitter),
-                });
-                return Ok(());
-            }
-            Ok(r) if r.gap => {
+            // Only for a live hole: a resync notice also follows Redis
+            // losing the log, which the ownership path answers (1012, and
+            // the resume reports the gap).
+            Ok(r) if r.gap && !delivery.resync => {
                 // Retention dropped part of the hole before it could be
                 // read: writing past it would hide the loss. Closed 1013
                 // instead; the client resumes with `last` and its welcome
@@ -1543,48 +1530,6 @@ mod tests {
         // Nothing more: no duplicates.
         peer.send(json!({"type":"ping","id":1}));
         assert_eq!(peer.json().await["type"], "pong");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_catch_up_that_finds_trimmed_entries_asks_the_client_to_resume() {
-        let two = Retention {
-            max_messages: 2,
-            max_age_ms: 300_000,
-        };
-        let (state, hop) = lossy_state_with(&[1, 2, 3], two);
-        let mut peer = connect(&state, "s1", Grant::anonymous()).await;
-        send(&state, "s1", 0).await;
-        assert_eq!(data_of_next_messages(&mut peer, 1).await, vec![0]);
-        // 1, 2 and 3 are lost on the hop and 1 is trimmed; no later message
-        // reveals the hole, the bus's repair (a resync notice) does.
-        for n in 1..4 {
-            send(&state, "s1", n).await;
-        }
-        let target = hop.target.lock().unwrap().clone().unwrap();
-        target.offer(&Arc::new(Delivery::resync(None)));
-        // Not 2, 3 as if complete: reconnect + 1012, and the resume from
-        // `last` = 0 reports the gap.
-        let mut frames = Vec::new();
-        let code = loop {
-            match peer.next().await {
-                Some(Message::Text(t)) => frames.push(serde_json::from_str::<Value>(&t).unwrap()),
-                Some(Message::Close(c)) => break c.map(|c| c.code),
-                Some(_) => {}
-                None => break None,
-            }
-        };
-        assert_eq!(code, Some(close::RESTART), "{frames:?}");
-        assert!(frames.iter().all(|f| f["type"] != "message"), "{frames:?}");
-        assert!(
-            frames.iter().any(|f| f["type"] == "reconnect"),
-            "{frames:?}"
-        );
-        let replay = state
-            .bus
-            .session_log(&session("s1"), Some("0-0".parse().unwrap()))
-            .await
-            .unwrap();
-        assert!(replay.gap, "the resume would report the gap");
     }
 
     #[tokio::test(start_paused = true)]

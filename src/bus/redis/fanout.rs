@@ -14,7 +14,6 @@
 //! catch-up reads it back in order. A catch-up that fails is retried by the
 //! repair loop every period (`repair.rs`).
 
-use rand::Rng;
 use std::sync::Arc;
 
 use super::RedisBus;
@@ -200,26 +199,7 @@ impl RedisBus {
             let entries = match replay {
                 // Only for holes: the other catch-ups also follow Redis
                 // losing the log, which the ownership path answers (1012).
-                // Any other catch-up that finds a gap (the log trimmed past
-                // this pod's cursor, or lost with Redis): offering what is
-                // left would hide the loss. The subscribers are asked to
-                // reconnect (1012, as the ownership path does after Redis
-                // lost its records) and resubscribe with `since`, whose ack
-                // reports the gap.
-                Ok(r) if r.gap && reason != "hole" => {
-                    for subscriber in &local.subscribers {
-                        subscriber.close(crate::protocol::close::CloseReason::Drain {
-                            after_ms: rand::rng().random_range(0..=self.opts.reconnect_jitter_ms),
-                        });
-                    }
-                    self.metrics
-                        .replay_gaps
-                        .with_label_values(&["channel"])
-                        .inc();
-                    tracing::warn!(%channel, reason, subscribers = local.subscribers.len(), "a channel catch-up found entries trimmed or lost; asking its subscribers to resubscribe so they learn of the gap");
-                    r.entries
-                }
-                Ok(r) if r.gap => {
+                Ok(r) if r.gap && reason == "hole" => {
                     // Retention dropped entries this pod had not offered
                     // yet: every subscriber here missed them. Each is closed
                     // 1013 and resubscribes with `since`, whose ack reports

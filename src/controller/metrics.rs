@@ -40,6 +40,7 @@ pub struct ControllerMetrics {
 impl ControllerMetrics {
     pub fn new() -> Self {
         let registry = Registry::new();
+        crate::telemetry::metrics::register_process_metrics(&registry);
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("gauge");
             registry.register(Box::new(g.clone())).expect("register");

@@ -37,6 +37,8 @@ export WSFLEET_TEST_PYTHON="$PWD/$venv/bin/python"
 
 # The Redis package may start a system instance on 6379; the tests never use
 # it: each starts its own redis-server on a free loopback port.
+# Likewise the prometheus package may start one on 9090: the tests only run
+# its promtool.
 
 # The runner's last line is the doc-test summary (0 tests); end with the
 # totals of every test binary instead, so a reader (or CI) sees them last.

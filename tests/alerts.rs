@@ -223,3 +223,46 @@ fn the_chart_renders_no_rules_unless_asked_and_takes_extra_labels() {
     assert_eq!(rule["metadata"]["labels"]["release"], "kps");
     assert_eq!(rule["spec"], yaml_docs(RULES)[0]);
 }
+
+/// The controller alerts need the controller scraped: with the
+/// ServiceMonitor and the controller on, it gets a ServiceMonitor of its own
+/// that selects its Service's labels and port.
+#[test]
+fn the_controller_is_scraped_when_the_service_monitor_is_on() {
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/helm/wsfleet");
+    let on = helm_render(&[
+        "chart",
+        chart,
+        r#"{"metrics": {"serviceMonitor": {"enabled": true}}, "controller": {"enabled": true}}"#,
+    ]);
+    let objects: Vec<Value> = on
+        .as_object()
+        .expect("map")
+        .values()
+        .flat_map(|docs| docs.as_array().cloned().unwrap_or_default())
+        .collect();
+    let named = |kind: &str, suffix: &str| {
+        objects
+            .iter()
+            .find(|o| {
+                o["kind"] == kind
+                    && o["metadata"]["name"]
+                        .as_str()
+                        .is_some_and(|n| n.ends_with(suffix))
+            })
+            .unwrap_or_else(|| panic!("no {kind} *{suffix}"))
+            .clone()
+    };
+    let monitor = named("ServiceMonitor", "-controller");
+    let service = named("Service", "-controller");
+    for (key, value) in monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("matchLabels")
+    {
+        assert_eq!(&service["metadata"]["labels"][key], value, "{key}");
+    }
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["port"],
+        service["spec"]["ports"][0]["name"]
+    );
+}

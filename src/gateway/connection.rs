@@ -937,7 +937,7 @@ impl Connection {
             }
             End::Gone { code } => code,
         };
-        let label = code.map_or_else(|| "none".to_string(), |c| c.to_string());
+        let label = close_label(code);
         let metrics = &self.state.metrics;
         metrics
             .connections_closed
@@ -958,6 +958,17 @@ impl Connection {
             self.emit(EventKind::Disconnect, data.as_deref()).await;
         }
         tracing::debug!(code = ?code, "connection closed");
+    }
+}
+
+/// The `code` label of `wsfleet_connections_closed_total`. A client may
+/// close with any code: the ones outside the protocol's own range (and the
+/// server's 4409) are counted together, so a client cannot grow the label set.
+fn close_label(code: Option<u16>) -> String {
+    match code {
+        None => "none".to_string(),
+        Some(c @ (1000..=1015 | close::TAKEN_OVER)) => c.to_string(),
+        Some(_) => "other".to_string(),
     }
 }
 
@@ -1017,6 +1028,18 @@ mod tests {
     use crate::pod::{LocalPod, PodStatus};
     use crate::telemetry::Metrics;
     use crate::upstream::Upstream;
+
+    #[test]
+    fn close_code_labels_are_a_bounded_set() {
+        assert_eq!(close_label(None), "none");
+        assert_eq!(close_label(Some(1000)), "1000");
+        assert_eq!(close_label(Some(1013)), "1013");
+        assert_eq!(close_label(Some(4409)), "4409");
+        // Codes a client picks freely share one label.
+        assert_eq!(close_label(Some(4000)), "other");
+        assert_eq!(close_label(Some(3999)), "other");
+        assert_eq!(close_label(Some(65535)), "other");
+    }
 
     /// The server's end of a WebSocket made of two channels.
     struct ChannelSocket {

@@ -233,7 +233,7 @@ fn the_controller_is_scraped_when_the_service_monitor_is_on() {
     let on = helm_render(&[
         "chart",
         chart,
-        r#"{"metrics": {"serviceMonitor": {"enabled": true}}, "controller": {"enabled": true}}"#,
+        r#"{"metrics": {"serviceMonitor": {"enabled": true}}, "controller": {"enabled": true}, "autoscaling": {"enabled": false}}"#,
     ]);
     let objects: Vec<Value> = on
         .as_object()

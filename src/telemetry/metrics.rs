@@ -82,8 +82,8 @@ pub struct Metrics {
     pub sent_bytes: IntCounter,
     /// Connections that opened with `?last=` (a resume), welcomed.
     pub resumes: IntCounter,
-    /// Messages written from a log read rather than live (resume replay,
-    /// `subscribe` with `since`, hole fills), by kind.
+    /// Messages written by a replay rather than live (resume after `last`,
+    /// `subscribe` with `since`; live hole fills count as live), by kind.
     pub messages_replayed: IntCounterVec,
     /// Deliveries still waiting in a connection's outbound queue each time
     /// the connection takes one: weighted by messages, so it shows the
@@ -341,7 +341,7 @@ impl Metrics {
             messages_replayed: counter!(
                 r,
                 "wsfleet_messages_replayed_total",
-                "Messages written from a log read (resume, subscribe since, hole fill), by kind",
+                "Messages written by a replay (resume with last, subscribe with since), by kind",
                 &["kind"]
             ),
             queue_depth: histogram(

@@ -354,3 +354,59 @@ async fn a_subscribe_ack_with_since_says_whether_history_was_trimmed() {
         .await;
     assert!(ack.get("gap").is_none(), "{ack}");
 }
+
+/// The operator metrics of docs/metrics.md move with what they count: a
+/// resume replays, bytes flow both ways, each delivery samples the queue,
+/// a close records the lifetime, and the process metrics are exported.
+#[tokio::test]
+async fn operator_metrics_count_resumes_replays_bytes_depth_and_lifetimes() {
+    let server = Server::start(&[]).await;
+    let (client, _) = server.session("op").await;
+    client.close().await;
+    let first = offset_of(&server.post_session("op", json!("a")).await.1);
+    server.post_session("op", json!("b")).await;
+    server.post_session("op", json!("c")).await;
+    let (mut resumed, welcome) = server.session(&format!("op&last={first}")).await;
+    assert_eq!(welcome["resumed"], true);
+    for _ in 0..2 {
+        resumed.recv_json().await;
+    }
+    resumed.assert_alive().await;
+    server.post_session("op", json!("live")).await;
+    resumed.recv_json().await;
+    let text = server.metrics().await;
+    let m = |sample: &str| common::metric(&text, sample);
+    assert_eq!(m("wsfleet_resumes_total"), 1.0, "{text}");
+    assert_eq!(m("wsfleet_messages_replayed_total{kind=\"session\"}"), 2.0);
+    // The live one went through the queue; replays do not.
+    assert!(m("wsfleet_queue_depth_count") >= 1.0, "{text}");
+    // At least the ping frame in, welcome + 3 messages + pong out.
+    assert!(
+        m("wsfleet_websocket_received_bytes_total") >= 10.0,
+        "{text}"
+    );
+    assert!(m("wsfleet_websocket_sent_bytes_total") >= 100.0, "{text}");
+    // The first connection closed; the resumed one is open.
+    assert_eq!(m("wsfleet_connection_duration_seconds_count"), 1.0);
+    // Whole CPU seconds: 0 this early, but exported.
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("process_cpu_seconds_total ")),
+        "{text}"
+    );
+    for process in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_threads",
+    ] {
+        assert!(m(process) > 0.0, "{process} missing or zero:\n{text}");
+    }
+    resumed.close().await;
+    common::eventually("second lifetime recorded", || async {
+        common::metric(
+            &server.metrics().await,
+            "wsfleet_connection_duration_seconds_count",
+        ) == 2.0
+    })
+    .await;
+}

@@ -40,6 +40,7 @@ pub struct ControllerMetrics {
 impl ControllerMetrics {
     pub fn new() -> Self {
         let registry = Registry::new();
+        crate::telemetry::metrics::register_process_metrics(&registry);
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("gauge");
             registry.register(Box::new(g.clone())).expect("register");
@@ -149,5 +150,24 @@ impl ControllerMetrics {
 impl Default for ControllerMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_controller_exports_its_process_metrics() {
+        let text = ControllerMetrics::new().render();
+        for name in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_threads ",
+        ] {
+            assert!(text.lines().any(|l| l.starts_with(name)), "{name}\n{text}");
+        }
     }
 }

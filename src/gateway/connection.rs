@@ -249,6 +249,9 @@ impl Connection {
             .metrics
             .handshake_duration
             .observe(self.started.elapsed().as_secs_f64());
+        if self.last.is_some() {
+            self.state.metrics.resumes.inc();
+        }
         if replay.gap {
             self.state
                 .metrics
@@ -305,6 +308,9 @@ impl Connection {
                 event = inbox.next() => match event {
                     Event::Close(reason) => return End::from_reason(reason),
                     Event::Deliver(delivery) => {
+                        // Sampled per delivery taken, under the queue's own
+                        // uncontended lock: no per-connection state.
+                        self.state.metrics.queue_depth.observe(inbox.queued() as f64);
                         // Boxed, like every branch's work below, so the
                         // connection's resting future stays small (trap 12).
                         if Box::pin(self.deliver(socket, mailbox, &delivery, true)).await.is_err() {
@@ -319,6 +325,7 @@ impl Connection {
                         Some(Ok(m)) => m,
                         Some(Err(e)) => return read_error(e),
                     };
+                    self.state.metrics.received_bytes.inc_by(payload_len(&message));
                     let expires = self.expires;
                     if let Err(end) = Box::pin(self.on_message(socket, mailbox, message)).await {
                         return end;
@@ -836,6 +843,9 @@ impl Connection {
             "session"
         };
         metrics.messages_delivered.with_label_values(&[kind]).inc();
+        if !live {
+            metrics.messages_replayed.with_label_values(&[kind]).inc();
+        }
         if live {
             let latency_ms = crate::bus::now_ms().saturating_sub(delivery.accepted_ms);
             metrics
@@ -864,13 +874,12 @@ impl Connection {
         message: Message,
     ) -> Result<(), Gone> {
         let limit = Duration::from_secs(self.state.config.heartbeat_s.max(1));
+        let bytes = payload_len(&message);
         match tokio::time::timeout(limit, socket.send(message)).await {
             Ok(Ok(())) => {
-                self.state
-                    .metrics
-                    .frames_out
-                    .with_label_values(&[kind])
-                    .inc();
+                let metrics = &self.state.metrics;
+                metrics.frames_out.with_label_values(&[kind]).inc();
+                metrics.sent_bytes.inc_by(bytes);
                 Ok(())
             }
             Ok(Err(_)) | Err(_) => Err(Gone),
@@ -902,17 +911,24 @@ impl Connection {
                     code,
                     reason: reason.into(),
                 }));
-                let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(close)).await;
+                let bytes = payload_len(&close);
+                let sent = tokio::time::timeout(Duration::from_secs(1), socket.send(close)).await;
+                if matches!(sent, Ok(Ok(()))) {
+                    self.state.metrics.sent_bytes.inc_by(bytes);
+                }
                 Some(code)
             }
             End::Gone { code } => code,
         };
-        let label = code.map_or_else(|| "none".to_string(), |c| c.to_string());
-        self.state
-            .metrics
+        let label = close_label(code);
+        let metrics = &self.state.metrics;
+        metrics
             .connections_closed
             .with_label_values(&[&label])
             .inc();
+        metrics
+            .connection_duration
+            .observe(self.started.elapsed().as_secs_f64());
         let bus = self.state.bus.clone();
         for channel in self.order.drain_channels() {
             bus.unsubscribe(&channel, self.id).await;
@@ -926,6 +942,28 @@ impl Connection {
         }
         tracing::debug!(code = ?code, "connection closed");
     }
+}
+
+/// The `code` label of `wsfleet_connections_closed_total`. A client may
+/// close with any code: the ones outside the protocol's own range (and the
+/// server's 4409) are counted together, so a client cannot grow the label set.
+fn close_label(code: Option<u16>) -> String {
+    match code {
+        None => "none".to_string(),
+        Some(c @ (1000..=1015 | close::TAKEN_OVER)) => c.to_string(),
+        Some(_) => "other".to_string(),
+    }
+}
+
+/// The WebSocket payload of a message (what `wsfleet_websocket_*_bytes_total`
+/// count): framing headers excluded, a close frame's code included.
+fn payload_len(message: &Message) -> u64 {
+    let len = match message {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => b.len(),
+        Message::Close(frame) => frame.as_ref().map_or(0, |f| 2 + f.reason.len()),
+    };
+    len as u64
 }
 
 /// A read error: a protocol violation is closed with its code (1002, 1007,
@@ -973,6 +1011,18 @@ mod tests {
     use crate::pod::{LocalPod, PodStatus};
     use crate::telemetry::Metrics;
     use crate::upstream::Upstream;
+
+    #[test]
+    fn close_code_labels_are_a_bounded_set() {
+        assert_eq!(close_label(None), "none");
+        assert_eq!(close_label(Some(1000)), "1000");
+        assert_eq!(close_label(Some(1013)), "1013");
+        assert_eq!(close_label(Some(4409)), "4409");
+        // Codes a client picks freely share one label.
+        assert_eq!(close_label(Some(4000)), "other");
+        assert_eq!(close_label(Some(3999)), "other");
+        assert_eq!(close_label(Some(65535)), "other");
+    }
 
     /// The server's end of a WebSocket made of two channels.
     struct ChannelSocket {

@@ -73,6 +73,22 @@ pub struct Metrics {
     pub orders: IntCounterVec,
     /// Connections asked to reconnect elsewhere by a shedding order.
     pub connections_shed: IntCounter,
+    /// From the upgrade request to the end of the close, observed once per
+    /// connection when it ends.
+    pub connection_duration: Histogram,
+    /// WebSocket payload bytes read from clients (text, binary, control).
+    pub received_bytes: IntCounter,
+    /// WebSocket payload bytes written to clients (text, control, close).
+    pub sent_bytes: IntCounter,
+    /// Connections that opened with `?last=` (a resume), welcomed.
+    pub resumes: IntCounter,
+    /// Messages written by a replay rather than live (resume after `last`,
+    /// `subscribe` with `since`; live hole fills count as live), by kind.
+    pub messages_replayed: IntCounterVec,
+    /// Deliveries still waiting in a connection's outbound queue each time
+    /// the connection takes one: weighted by messages, so it shows the
+    /// queueing a message sees (overflow at `--outbound-queue`).
+    pub queue_depth: Histogram,
 }
 
 /// Metric construction only fails on invalid names or duplicate
@@ -96,6 +112,38 @@ macro_rules! counter {
     };
 }
 
+/// Connection lifetimes from 1 s to a day.
+const DURATION_BUCKETS: &[f64] = &[
+    1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 10800.0, 21600.0, 43200.0, 86400.0,
+];
+
+/// Outbound queue depths: powers of two up to the largest sane
+/// `--outbound-queue` (overflows are counted apart).
+const DEPTH_BUCKETS: &[f64] = &[
+    0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    register(
+        registry,
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+            .expect("histogram"),
+    )
+}
+
+/// CPU seconds, resident memory, open fds and threads of this process
+/// (`process_*`), read from /proc at each scrape, so free on the hot path.
+pub fn register_process_metrics(registry: &Registry) {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    )) {
+        tracing::error!(error = %e, "registering the process metrics failed");
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = registry;
+}
+
 /// Latency buckets from 100 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -105,6 +153,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
+        register_process_metrics(&registry);
         let r = &registry;
         let gauge = |name: &str, help: &str| register(r, IntGauge::new(name, help).expect("gauge"));
         Self {
@@ -267,6 +316,39 @@ impl Metrics {
                 "wsfleet_bus_refusals_total",
                 "Messages refused because a memory limit was reached, by limit",
                 &["limit"]
+            ),
+            connection_duration: histogram(
+                r,
+                "wsfleet_connection_duration_seconds",
+                "WebSocket connection lifetime, upgrade request to close, observed at close",
+                DURATION_BUCKETS,
+            ),
+            received_bytes: counter!(
+                r,
+                "wsfleet_websocket_received_bytes_total",
+                "WebSocket payload bytes received from clients"
+            ),
+            sent_bytes: counter!(
+                r,
+                "wsfleet_websocket_sent_bytes_total",
+                "WebSocket payload bytes sent to clients"
+            ),
+            resumes: counter!(
+                r,
+                "wsfleet_resumes_total",
+                "Connections welcomed that resumed a session with last"
+            ),
+            messages_replayed: counter!(
+                r,
+                "wsfleet_messages_replayed_total",
+                "Messages written by a replay (resume with last, subscribe with since), by kind",
+                &["kind"]
+            ),
+            queue_depth: histogram(
+                r,
+                "wsfleet_queue_depth",
+                "Deliveries still queued for a connection each time it takes one",
+                DEPTH_BUCKETS,
             ),
             registry,
         }

@@ -4,8 +4,10 @@
 //! has a test that sees it fire (an alert that can never fire fails the
 //! suite), a runbook section, and k8s/'s copy is what the chart renders.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
@@ -38,37 +40,11 @@ fn text(out: &Output) -> String {
     )
 }
 
-fn python() -> PathBuf {
-    let path = std::env::var_os("WSFLEET_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/python")
-        });
-    assert!(
-        path.exists(),
-        "{} missing: ./scripts/test.sh creates it (python venv with helm-python-sdk and pyyaml)",
-        path.display()
-    );
-    path
-}
-
-/// scripts/helm-render.py's JSON: `chart <dir> <values> [release] [ns]` or
-/// `yaml <file>...`.
+/// scripts/helm-render.py's JSON; a failed render fails the test.
 fn helm_render(args: &[&str]) -> Value {
-    let out = Command::new(python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/helm-render.py"
-        ))
-        .args(args)
-        .output()
-        .expect("run helm-render.py");
-    assert!(
-        out.status.success(),
-        "helm-render.py failed: {}",
-        text(&out)
-    );
-    serde_json::from_slice(&out.stdout).expect("helm-render.py prints JSON")
+    let (ok, out) = common::helm::render_script(args);
+    assert!(ok, "helm-render.py failed: {out}");
+    out
 }
 
 fn yaml_docs(file: &str) -> Vec<Value> {
@@ -139,7 +115,7 @@ for g in rules["groups"]:
             r["expr"] = "vector(0) > 1"
 yaml.safe_dump(rules, open(sys.argv[3], "w"))
 "#;
-    let out = Command::new(python())
+    let out = Command::new(common::helm::python())
         .args(["-c", script, RULES, alert, &path(to)])
         .output()
         .expect("python");

@@ -4,45 +4,16 @@
 //! KEDA/HPA manifests read figures the controller exports, and the API
 //! key Secret is generated when none is given. k8s/ must agree.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::path::PathBuf;
-use std::process::Command;
 
 use serde_json::{Value, json};
 use wsfleet::controller::k8s::RBAC_RULES;
 use wsfleet::controller::metrics::ControllerMetrics;
 
-fn python() -> PathBuf {
-    let path = std::env::var_os("WSFLEET_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/python")
-        });
-    assert!(
-        path.exists(),
-        "{} missing: ./scripts/test.sh creates it (python venv with helm-python-sdk and pyyaml)",
-        path.display()
-    );
-    path
-}
-
 fn run(args: &[&str]) -> (bool, Value) {
-    let out = Command::new(python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/helm-render.py"
-        ))
-        .args(args)
-        .output()
-        .expect("run helm-render.py");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let value: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!(
-            "helm-render.py printed no JSON ({e}): {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.success(), value)
+    common::helm::render_script(args)
 }
 
 /// Every object the chart renders with `values`.

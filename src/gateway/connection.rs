@@ -1583,7 +1583,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_hole_that_retention_trimmed_closes_1013_instead_of_skipping() {
+    async fn a_hole_that_retention_trimmed_closes_1013_rather_than_writing_past_it() {
         let two = Retention {
             max_messages: 2,
             max_age_ms: 300_000,

@@ -2,6 +2,7 @@
 //! clients (tokio-tungstenite) and a real HTTP client (reqwest).
 #![allow(dead_code)]
 
+pub mod helm;
 pub mod kube_api;
 pub mod redis;
 

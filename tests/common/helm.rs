@@ -1,0 +1,44 @@
+//! The real Helm engine for tests: scripts/helm-render.py run by the
+//! virtualenv's python (helm-python-sdk and pyyaml, created by
+//! scripts/test.sh). Missing tools fail the test, naming the fix.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+/// The virtualenv's python (`WSFLEET_TEST_PYTHON`, else target/test-venv).
+pub fn python() -> PathBuf {
+    let path = std::env::var_os("WSFLEET_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/python")
+        });
+    assert!(
+        path.exists(),
+        "{} missing: ./scripts/test.sh creates it (python venv with helm-python-sdk and pyyaml)",
+        path.display()
+    );
+    path
+}
+
+/// scripts/helm-render.py with `args` (`chart <dir> <values> [release]
+/// [ns]` or `yaml <file>...`): whether it succeeded, and its JSON.
+pub fn render_script(args: &[&str]) -> (bool, Value) {
+    let out = Command::new(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/helm-render.py"
+        ))
+        .args(args)
+        .output()
+        .expect("run helm-render.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let value: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "helm-render.py printed no JSON ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), value)
+}

@@ -86,7 +86,10 @@ pub struct ControllerConfig {
     #[arg(long, env = "WSFLEET_SCALE_MODE", value_enum, default_value_t = ScaleMode::Metrics)]
     pub mode: ScaleMode,
 
-    /// Seconds between reconciliations.
+    /// Seconds between reconciliations at most: a tick also runs every
+    /// --lease-s/3 + 1 s to renew the Lease (6 s with the defaults). Also
+    /// the length of one shedding order (per pod: --shed-per-pod-per-s x
+    /// this).
     #[arg(long, env = "WSFLEET_INTERVAL_S", default_value_t = 15)]
     pub interval_s: u64,
 

@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use serde_json::json;
 
 use common::kube_api::FakeApi;
@@ -178,4 +180,55 @@ async fn a_failed_scale_patch_is_counted_and_retried_next_tick() {
     assert!(ctl.tick().await.is_err());
     ctl.tick().await.expect("third tick");
     assert_eq!(api.replicas(), 10);
+}
+
+#[tokio::test]
+async fn a_leader_whose_lease_ran_out_mid_tick_stops_before_writing() {
+    let redis = RedisServer::start().await;
+    report(&redis, "a", 900).await;
+    report(&redis, "b", 0).await;
+    let settings = Settings {
+        mode: ScaleMode::Scale,
+        scale: common::kube_api::immediate_scaling(100),
+        rebalance: Some(RebalancePolicy {
+            tolerance: 0.1,
+            per_pod_per_s: 100,
+            fleet_fraction_per_min: 1.0,
+            interval_ms: 1_000,
+        }),
+        drain_timeout_ms: 10_000,
+        order_latency_ms: 1_000,
+    };
+    // A 300 ms lease: this replica may act for 200 ms after winning it.
+    let (mut ctl, api, metrics) = common::kube_api::reconciler_with_lease(
+        &redis.url(),
+        vec!["a".into(), "b".into()],
+        settings,
+        2,
+        300,
+    )
+    .await;
+    // The tick wins the Lease, then the API server stalls past the safe
+    // part of it before the first write would happen.
+    api.delay_next("GET", "/scale", Duration::from_millis(400));
+    let err = ctl
+        .tick()
+        .await
+        .expect_err("no write after the lease ran out");
+    assert_eq!(err.stage(), "leadership", "{err}");
+    assert_eq!(api.replicas(), 2, "the scale-up was not written");
+    assert!(
+        api.writes().iter().all(|c| c.path.contains("/leases")),
+        "{:?}",
+        api.writes()
+    );
+    assert_eq!(orders(&redis).await.trim(), "", "no shedding order");
+    let text = metrics.render();
+    assert_eq!(
+        common::metric(
+            &text,
+            "wsfleet_controller_reconcile_errors_total{stage=\"leadership\"}"
+        ),
+        1.0
+    );
 }

@@ -26,6 +26,9 @@ pub struct ApiState {
     lease_version: u64,
     /// (method, path fragment, status): the next matching request fails.
     failures: Vec<(String, String, u16)>,
+    /// (method, path fragment, delay): the next matching request is
+    /// answered only after the delay (a slow API server).
+    delays: Vec<(String, String, std::time::Duration)>,
 }
 
 #[derive(Clone)]
@@ -55,6 +58,16 @@ impl FakeApi {
                     .await
                     .unwrap_or_default();
                 let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let delay = {
+                    let mut s = state.lock().expect("fake api state");
+                    s.delays
+                        .iter()
+                        .position(|(m, f, _)| *m == method && path.contains(f.as_str()))
+                        .map(|i| s.delays.remove(i).2)
+                };
+                if let Some(delay) = delay {
+                    tokio::time::sleep(delay).await;
+                }
                 let (status, answer) = answer(&state, &method, &path, &body);
                 state
                     .lock()
@@ -74,6 +87,14 @@ impl FakeApi {
 
     /// The next `method` request whose path contains `fragment` answers
     /// `status` (a Kubernetes Status error).
+    pub fn delay_next(&self, method: &str, fragment: &str, delay: std::time::Duration) {
+        self.state.lock().expect("fake api state").delays.push((
+            method.into(),
+            fragment.into(),
+            delay,
+        ));
+    }
+
     pub fn fail_next(&self, method: &str, fragment: &str, status: u16) {
         self.state.lock().expect("fake api state").failures.push((
             method.into(),
@@ -220,6 +241,21 @@ pub async fn reconciler(
     FakeApi,
     wsfleet::controller::metrics::ControllerMetrics,
 ) {
+    reconciler_with_lease(redis_url, pods, settings, replicas, 15_000).await
+}
+
+/// [`reconciler`] with a Lease of `lease_ms`.
+pub async fn reconciler_with_lease(
+    redis_url: &str,
+    pods: Vec<String>,
+    settings: wsfleet::controller::reconcile::Settings,
+    replicas: i32,
+    lease_ms: u64,
+) -> (
+    wsfleet::controller::reconcile::Reconciler,
+    FakeApi,
+    wsfleet::controller::metrics::ControllerMetrics,
+) {
     use wsfleet::bus::redis::{FleetRegistry, Target};
     use wsfleet::controller::k8s::Cluster;
     use wsfleet::controller::lease::Elector;
@@ -241,7 +277,7 @@ pub async fn reconciler(
         kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), "fleet"),
         "wsfleet-controller",
         "ctl-0",
-        15_000,
+        lease_ms,
     );
     let metrics = ControllerMetrics::new();
     let reconciler = Reconciler::new(

@@ -44,6 +44,8 @@ async fn restrict_pods_user(redis: &RedisServer, hints: bool) -> String {
     args.push("-xadd");
     if !hints {
         args.push("-sadd");
+        // Instances' session sets (ownership, not routing) stay writable.
+        args.push("(+sadd ~wsf:inst:*)");
     }
     // Logs (`wsf:{s:..}`, `wsf:{c:..}`) and the upstream stream stay writable.
     args.push("(+xadd ~wsf:{* ~wsfleet:*)");

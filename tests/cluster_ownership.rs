@@ -28,6 +28,10 @@ fn owner_key(session: &str) -> String {
 fn claim_key(session: &str) -> String {
     format!("wsf:{{s:{session}}}:claim")
 }
+/// The sorted set of live instances: deleting it is what Redis shows a pod
+/// whose instance lease lapsed (its next heartbeat finds no lease).
+const INSTANCES: &str = "wsf:insts";
+
 /// The counter older versions kept the epoch in.
 fn old_epoch_key(session: &str) -> String {
     format!("wsf:{{s:{session}}}:epoch")
@@ -138,11 +142,11 @@ async fn a_late_release_never_removes_a_newer_owner_after_redis_restarts_empty()
 // ---------------------------------------------- 2. the fence (trap 3)
 
 /// A pod cut off from Redis for longer than the lease comes back: its
-/// owner record is gone. If the session moved meanwhile (claimed elsewhere,
-/// maybe released again), its renewal must close the connection 4409 and
-/// must not re-create the record.
+/// instance lease lapsed and its owner record was swept. If the session
+/// moved meanwhile (claimed elsewhere, maybe released again), its check
+/// must close the connection 4409 and must not re-create the record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn renewal_never_re_owns_a_session_that_moved() {
+async fn the_fence_never_re_owns_a_session_that_moved() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start().await;
     let a = Pod::start("own-fence", &redis.url(), &["--session-lease-s", "3"]).await;
@@ -157,11 +161,12 @@ async fn renewal_never_re_owns_a_session_that_moved() {
         clients.push(a.session(s).await.0);
     }
     for (s, record) in cases {
-        // The lease lapsed (record gone) and someone else claimed meanwhile.
+        // The record was swept and someone else claimed meanwhile.
         redis.cli(&["del", &owner_key(s)]).await;
         redis.cli(&["set", &claim_key(s), record]).await;
         redis.cli(&["incr", &old_epoch_key(s)]).await;
     }
+    redis.cli(&["del", INSTANCES]).await;
     for ((s, _), client) in cases.iter().zip(clients.iter_mut()) {
         let (_, ended) = end_within(client, Duration::from_secs(10))
             .await
@@ -194,9 +199,11 @@ async fn a_connection_whose_claim_redis_forgot_is_asked_to_reconnect() {
             &old_epoch_key("forgotten"),
         ])
         .await;
-    // Only the lease lapsed here: the claim record still names it, so
+    // Only the record was swept here: the claim record still names it, so
     // nobody claimed since and the record is restored.
     redis.cli(&["del", &owner_key("lapsed")]).await;
+    // What Redis looks like after it lost data: no instance lease either.
+    redis.cli(&["del", INSTANCES]).await;
 
     let (frames, ended) = end_within(&mut lost, Duration::from_secs(10))
         .await
@@ -221,6 +228,183 @@ async fn a_connection_whose_claim_redis_forgot_is_asked_to_reconnect() {
     let (status, _) = a.post_session("lapsed", json!("still here")).await;
     assert_eq!(status, 202);
     assert_eq!(lapsed.recv_json().await["data"], "still here");
+}
+
+// ------------------- 2b. liveness per instance, not per session (trap 17)
+
+/// Sum of `calls=` over Redis's `INFO commandstats`.
+async fn commands_run(redis: &RedisServer) -> u64 {
+    let stats = redis.cli(&["info", "commandstats"]).await;
+    stats
+        .lines()
+        .filter_map(|l| l.split("calls=").nth(1))
+        .filter_map(|rest| rest.split(',').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Idle connections cost Redis nothing at rest: over several upkeep
+/// periods, a pod holding 300 idle sessions runs a handful of commands per
+/// period, as one holding none would. Per-session renewal (the old design)
+/// ran 300 scripts every period here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_cost_redis_no_commands_at_rest() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start().await;
+    // Upkeep every second.
+    let a = Pod::start("own-idle", &redis.url(), &["--session-lease-s", "3"]).await;
+    const SESSIONS: usize = 300;
+    let mut clients = Vec::new();
+    for i in 0..SESSIONS {
+        clients.push(a.session(&format!("idle-{i}")).await.0);
+    }
+    // Past the first beats after the claims.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.cli(&["config", "resetstat"]).await;
+    let window = Duration::from_secs(4);
+    tokio::time::sleep(window).await;
+    let commands = commands_run(&redis).await;
+    // ~4 upkeep periods of a few commands, the repair loop, and the
+    // commandstats reads themselves; 1,200 with a renewal per session.
+    assert!(
+        commands < 120,
+        "{commands} Redis commands in {window:?} with {SESSIONS} idle sessions: upkeep grows with connections"
+    );
+    // Still owned and routed.
+    let (status, body) = a.post_session("idle-7", json!("still routed")).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(clients[7].recv_json().await["data"], "still routed");
+}
+
+/// A pod that dies leaves owner records naming its instance: a live pod
+/// sweeps them once the instance's lease lapses, so lookups stop naming
+/// the dead pod and Redis keeps nothing of the instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_pods_sessions_are_swept_once_its_lease_lapses() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start().await;
+    let flags = ["--session-lease-s", "3"];
+    let mut a = Pod::start("own-dead-a", &redis.url(), &flags).await;
+    let b = Pod::start("own-dead-b", &redis.url(), &flags).await;
+    let sessions = ["dead-1", "dead-2", "dead-3"];
+    let mut clients = Vec::new();
+    for s in sessions {
+        clients.push(a.session(s).await.0);
+    }
+    let instances = redis.cli(&["zrange", INSTANCES, "0", "-1"]).await;
+    assert_eq!(instances.lines().count(), 2, "{instances}");
+    let (status, info) = b.get("/v1/sessions/dead-1").await;
+    assert_eq!((status, info["pod"].as_str()), (200, Some("own-dead-a")));
+    a.kill9().await;
+    drop(clients);
+    eventually_within(
+        Duration::from_secs(15),
+        "the dead pod's owner records are swept",
+        || async {
+            let mut all_gone = true;
+            for s in sessions {
+                all_gone &= redis.cli(&["exists", &owner_key(s)]).await.trim() == "0";
+            }
+            all_gone
+        },
+    )
+    .await;
+    let (status, _) = b.get("/v1/sessions/dead-2").await;
+    assert_eq!(status, 404, "a swept session is not connected");
+    eventually_within(
+        Duration::from_secs(5),
+        "the instance is forgotten",
+        || async { redis.cli(&["zcard", INSTANCES]).await.trim() == "1" },
+    )
+    .await;
+    let leftovers = redis.cli(&["keys", "wsf:inst:*"]).await;
+    assert!(
+        leftovers.trim().is_empty(),
+        "instance keys left: {leftovers}"
+    );
+    assert!(
+        metric(
+            &metrics_of(&b).await,
+            "wsfleet_bus_ownership_events_total{event=\"swept\"}"
+        ) >= 3.0
+    );
+    // The sessions' logs are untouched: a reconnect elsewhere gets what was
+    // sent meanwhile.
+    let (status, body) = b.post_session("dead-3", json!("after the death")).await;
+    assert_eq!(status, 202, "{body}");
+    let (mut again, _) = b.session("dead-3&last=0-0").await;
+    assert_eq!(again.recv_json().await["data"], "after the death");
+}
+
+/// A pod paused for longer than its lease (a GC-like stall, a partition)
+/// comes back after a live pod swept its records. The session that was
+/// claimed elsewhere meanwhile is closed 4409; the one nobody claimed gets
+/// its record back and what was sent to it meanwhile, once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_paused_past_its_lease_fences_what_moved_and_keeps_the_rest() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start().await;
+    let flags = ["--session-lease-s", "3"];
+    let a = Pod::start("own-pause-a", &redis.url(), &flags).await;
+    let b = Pod::start("own-pause-b", &redis.url(), &flags).await;
+    let (mut moved, _) = a.session("pause-moved").await;
+    let (mut stayed, _) = a.session("pause-stayed").await;
+    assert!(common::redis::signal(a.pid(), "-STOP"), "SIGSTOP");
+    let resumed = scopeguard(a.pid());
+    eventually_within(
+        Duration::from_secs(15),
+        "the paused pod's records are swept",
+        || async {
+            redis
+                .cli(&["exists", &owner_key("pause-stayed")])
+                .await
+                .trim()
+                == "0"
+        },
+    )
+    .await;
+    let (mut newer, _) = b.session("pause-moved").await;
+    let (status, body) = b.post_session("pause-stayed", json!("while paused")).await;
+    assert_eq!(status, 202, "{body}");
+    drop(resumed); // SIGCONT
+    let (_, ended) = end_within(&mut moved, Duration::from_secs(10))
+        .await
+        .expect("the moved session's stale connection is fenced");
+    assert_eq!(ended, Ended::Closed(4409));
+    assert_eq!(stayed.recv_json().await["data"], "while paused");
+    eventually_within(
+        Duration::from_secs(10),
+        "the record is restored",
+        || async {
+            redis
+                .cli(&["hget", &owner_key("pause-stayed"), "pod"])
+                .await
+                .trim()
+                == "own-pause-a"
+        },
+    )
+    .await;
+    let (status, body) = b.post_session("pause-stayed", json!("after")).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(stayed.recv_json().await["data"], "after");
+    stayed.assert_alive().await;
+    // The newer connection was never disturbed.
+    let (status, _) = a
+        .post_session("pause-moved", json!("to the newer one"))
+        .await;
+    assert_eq!(status, 202);
+    assert_eq!(newer.recv_json().await["data"], "to the newer one");
+}
+
+/// Sends SIGCONT when dropped, so a failing assertion never leaves a pod
+/// stopped.
+fn scopeguard(pid: u32) -> impl Drop {
+    struct Cont(u32);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            common::redis::signal(self.0, "-CONT");
+        }
+    }
+    Cont(pid)
 }
 
 // ------------------------- 3. concurrent claims of one session, one pod
@@ -590,7 +774,7 @@ async fn a_channel_replay_after_redis_lost_the_log_reports_a_gap() {
 
 // ------------------------------------------- the scripts, one by one
 
-/// CLAIM, RENEW and RELEASE against a real Redis, for every state the two
+/// CLAIM, VERIFY and RELEASE against a real Redis, for every state the two
 /// records of a session can be in: they match the holder, never the epoch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ownership_scripts_match_the_holder_never_the_epoch() {
@@ -605,7 +789,6 @@ async fn ownership_scripts_match_the_holder_never_the_epoch() {
         .expect("connect");
     const ME: (&str, &str) = ("00000000000000aa", "1");
     const OTHER: (&str, &str) = ("00000000000000bb", "2");
-    const LEASE: &str = "30000";
     const MEMORY: &str = "600000";
 
     /// (what, owner record holder, claim record, caller, reply, owner after, claim after)
@@ -688,23 +871,21 @@ async fn ownership_scripts_match_the_holder_never_the_epoch() {
         if let Some(claim) = claim {
             redis.cli(&["set", &claim_key, claim]).await;
         }
-        let mut invocation = scripts::RENEW.prepare_invoke();
+        let mut invocation = scripts::VERIFY.prepare_invoke();
         invocation
             .key(&owner_key)
             .key(&claim_key)
             .arg("p")
             .arg(caller.0)
             .arg(caller.1)
-            .arg(LEASE)
-            .arg(0)
-            .arg(MEMORY);
-        let reply: i64 = invocation.invoke_async(&mut conn).await.expect("RENEW");
-        assert_eq!(reply, *want, "RENEW: {what}");
+            .arg(0);
+        let reply: i64 = invocation.invoke_async(&mut conn).await.expect("VERIFY");
+        assert_eq!(reply, *want, "VERIFY: {what}");
         let inst = redis.cli(&["hget", &owner_key, "inst"]).await;
         assert_eq!(
             Some(inst.trim()).filter(|s| !s.is_empty()),
             *owner_after,
-            "RENEW: {what}: owner record after"
+            "VERIFY: {what}: owner record after"
         );
     }
 
@@ -762,7 +943,8 @@ async fn ownership_scripts_match_the_holder_never_the_epoch() {
             .key(&owner_key)
             .key(&claim_key)
             .arg(ME.0)
-            .arg(ME.1);
+            .arg(ME.1)
+            .arg(MEMORY);
         let reply: i64 = invocation.invoke_async(&mut conn).await.expect("RELEASE");
         assert_eq!(reply, *want, "RELEASE: {what}");
         let left = redis.cli(&["exists", &owner_key]).await.trim() == "1";
@@ -822,9 +1004,7 @@ async fn ownership_scripts_match_the_holder_never_the_epoch() {
             .arg("p")
             .arg(ME.0)
             .arg(ME.1)
-            .arg(LEASE)
-            .arg(0)
-            .arg(MEMORY);
+            .arg(0);
         let (got_epoch, got_live, _pod, got_inst, _conn): (u64, i64, String, String, String) =
             invocation.invoke_async(&mut conn).await.expect("CLAIM");
         assert_eq!(
@@ -838,5 +1018,71 @@ async fn ownership_scripts_match_the_holder_never_the_epoch() {
             format!("{epoch} {} {} p", ME.0, ME.1),
             "CLAIM: {what}"
         );
+        // No per-session lease: the records live as long as the instance.
+        for key in [&owner_key, &claim_key] {
+            let ttl = redis.cli(&["pttl", key]).await;
+            assert_eq!(ttl.trim(), "-1", "CLAIM: {what}: {key} has a TTL");
+        }
     }
+
+    // SWEEP removes a dead instance's record only while it still names
+    // that instance, and lets the claim record expire like a released one.
+    // (what, owner holder, reply, owner left)
+    let sweep_cases: &[(&str, (&str, &str), i64, bool)] = &[
+        ("the dead instance's", OTHER, 1, false),
+        ("claimed since by a live one", ME, 0, true),
+    ];
+    for (i, (what, holder, want, left)) in sweep_cases.iter().enumerate() {
+        let (owner_key, claim_key) = (format!("o{{w{i}}}"), format!("c{{w{i}}}"));
+        redis
+            .cli(&[
+                "hset", &owner_key, "pod", "p", "inst", holder.0, "conn", holder.1,
+            ])
+            .await;
+        let record = format!("3 {} {} p", holder.0, holder.1);
+        redis.cli(&["set", &claim_key, &record]).await;
+        let mut invocation = scripts::SWEEP.prepare_invoke();
+        invocation
+            .key(&owner_key)
+            .key(&claim_key)
+            .arg(OTHER.0)
+            .arg(MEMORY);
+        let reply: i64 = invocation.invoke_async(&mut conn).await.expect("SWEEP");
+        assert_eq!(reply, *want, "SWEEP: {what}");
+        let exists = redis.cli(&["exists", &owner_key]).await.trim() == "1";
+        assert_eq!(exists, *left, "SWEEP: {what}: owner record left");
+        let ttl: i64 = redis
+            .cli(&["pttl", &claim_key])
+            .await
+            .trim()
+            .parse()
+            .expect("pttl");
+        assert_eq!(ttl > 0, *want == 1, "SWEEP: {what}: claim record ttl {ttl}");
+    }
+
+    // HEARTBEAT: first beat finds no lease (2), a running one 0, a lapsed
+    // one 1; other lapsed instances are listed, running ones are not.
+    let beat = |inst: &'static str, lease_ms: i64| {
+        let mut invocation = scripts::HEARTBEAT.prepare_invoke();
+        invocation.key("insts").arg(inst).arg(lease_ms).arg(8);
+        invocation
+    };
+    let mut conn2 = conn.clone();
+    let mut once = async |inst: &'static str, lease_ms: i64| -> (i64, Vec<String>) {
+        beat(inst, lease_ms)
+            .invoke_async(&mut conn2)
+            .await
+            .expect("HEARTBEAT")
+    };
+    assert_eq!(once(ME.0, 60_000).await, (2, vec![]), "first beat");
+    assert_eq!(once(ME.0, 60_000).await, (0, vec![]), "running lease");
+    assert_eq!(once(OTHER.0, 1).await, (2, vec![]), "other's first beat");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        once(ME.0, 60_000).await,
+        (0, vec![OTHER.0.to_string()]),
+        "the other's lease lapsed"
+    );
+    assert_eq!(once(OTHER.0, 60_000).await.0, 1, "a lapsed lease renewed");
+    assert_eq!(once(ME.0, 60_000).await, (0, vec![]), "nobody lapsed");
 }

@@ -241,7 +241,7 @@ impl BusMetrics {
             ownership: IntCounterVec::new(
                 Opts::new(
                     "wsfleet_bus_ownership_events_total",
-                    "Session ownership events: claimed, superseded_locally, renew_taken, renew_restored, renew_lost",
+                    "Session ownership events: claimed, superseded_locally, renew_taken, renew_restored, renew_lost (the fence of a late instance), swept (records of dead instances removed), instance_swept",
                 ),
                 &["event"],
             )

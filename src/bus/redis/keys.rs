@@ -14,12 +14,14 @@ pub struct SessionKeys {
     pub log: String,
     /// String: offset of the newest entry ever appended (outlives trimming).
     pub head: String,
-    /// Hash: pod, instance, connection, epoch and time of the live owner. Leased.
+    /// Hash: pod, instance, connection, epoch and time of the live owner.
+    /// Lives as long as its instance: released with the connection, or
+    /// swept once the instance's lease in [`INSTANCES`] lapses.
     pub owner: String,
     /// String: the newest claim, `"<epoch> <instance> <conn> <pod>"`, or
     /// `"<epoch>"` once that claim was released. Outlives the owner record
-    /// (lease expiry, release), so a holder whose record vanished can still
-    /// tell "nobody claimed since" from "the session moved" (the fence).
+    /// (release, sweep), so a holder whose record vanished can still tell
+    /// "nobody claimed since" from "the session moved" (the fence).
     pub claim: String,
 }
 
@@ -92,6 +94,24 @@ pub fn replica_barrier(pod: &str) -> String {
 /// an `-OOM`.
 pub fn memory_probe(pod: &str) -> String {
     format!("wsf:memprobe:{{{pod}}}")
+}
+
+/// Sorted set: every live process instance (`inst` field), scored by when
+/// its lease expires (Redis server clock). The one lease a pod renews: the
+/// liveness of all its sessions (trap 17).
+pub const INSTANCES: &str = "wsf:insts";
+
+/// Set: the sessions an instance has claimed and not released, so the
+/// owner records of a dead instance can be swept without a scan.
+pub fn instance_sessions(inst: &str) -> String {
+    format!("wsf:inst:{{{inst}}}:sessions")
+}
+
+/// String: held by the pod sweeping a dead instance (its own `inst`), in
+/// the slot of that instance's session set. While it exists, the instance
+/// (if it was only late, not dead) waits before it verifies its sessions.
+pub fn sweep_lock(inst: &str) -> String {
+    format!("wsf:inst:{{{inst}}}:sweep")
 }
 
 /// Hash: pod name -> JSON status with its expiry, for `GET /v1/fleet`.

@@ -4,7 +4,7 @@
 //!  sender pod                         Redis                           owner pod
 //!  ----------                         -----                           ---------
 //!  APPEND script (one slot) -------> {s:id}:log   (the truth)
-//!    returns owner pod               {s:id}:owner (leased, epoch)
+//!    returns owner pod               {s:id}:owner (holder, epoch)
 //!  XADD owner's inbox ------------> wsf:inbox:{pod} --XREADGROUP--> reader task
 //!                                                                     -> mailbox.offer
 //! ```
@@ -15,11 +15,13 @@
 //!   resume with `last` reads the log (trap 1).
 //! * Each log entry records the offset before it, so the connection task
 //!   notices a late or lost inbox entry and reads the hole from the log.
-//! * Ownership is a leased record naming its holder (instance + connection)
-//!   plus a claim record that outlives it; the owning pod renews the lease
-//!   of each of its sessions and closes (4409) any that another connection
-//!   claimed since: the fence for stale owners (traps 3 and 15,
-//!   `ownership.rs`).
+//! * Ownership is a record naming its holder (instance + connection) plus a
+//!   claim record that outlives it. Liveness is one lease per instance, not
+//!   per session (trap 17): a dead instance's records are swept by a live
+//!   pod, and an instance whose lease lapsed checks each of its sessions
+//!   once and closes (4409) any that another connection claimed since: the
+//!   fence for stale owners (traps 3 and 15, `ownership.rs`,
+//!   `liveness.rs`).
 //! * The blocking inbox read has its own connection, and so does WAIT
 //!   (trap 8, `replicas.rs`).
 //! * A channel message goes once to each pod that has subscribers, then to
@@ -27,7 +29,7 @@
 //!
 //! One job per file: `conn` (connections, what a failure means, metrics),
 //! `keys` (layout), `scripts` (the Lua steps), `ownership` (claim, release,
-//! renewal and the fence), `inbox` (reading this pod's inbox), `replicas`
+//! the fence), `liveness` (the instance lease, sweeps), `inbox` (reading this pod's inbox), `replicas`
 //! (WAIT), `upkeep` (the periodic pass), `fanout` (a channel's local
 //! subscribers, offered in log order), `repair` (the delivery bound when
 //! routing fails); this file is the [`Bus`] itself:
@@ -39,6 +41,7 @@ mod conn;
 mod fanout;
 mod inbox;
 mod keys;
+mod liveness;
 mod ownership;
 mod registry;
 mod repair;
@@ -137,6 +140,11 @@ pub struct RedisBus {
     replica_rounds: std::sync::Mutex<Option<ReplicaRounds>>,
     /// Sessions whose connection lives here.
     sessions: DashMap<SessionId, LocalOwner>,
+    /// This instance's session set in Redis (`liveness.rs`).
+    members: liveness::InstanceMembers,
+    /// Set when this instance's lease had lapsed: its sessions are checked
+    /// (the fence) until a check of all of them completes.
+    verify_pending: AtomicBool,
     /// Channels with subscribers here: the subscribers and what they were offered.
     channels: DashMap<ChannelName, LocalChannel>,
     /// This pod's inbox stream.
@@ -205,6 +213,8 @@ impl RedisBus {
             replicas,
             replica_rounds: std::sync::Mutex::new(replica_rounds),
             sessions: DashMap::new(),
+            members: liveness::InstanceMembers::default(),
+            verify_pending: AtomicBool::new(false),
             channels: DashMap::new(),
         }))
     }

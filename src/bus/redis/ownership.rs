@@ -5,34 +5,29 @@
 //! which routing reads, and the claim record, which outlives it and names
 //! the newest claim. Both name the holder (process instance plus connection
 //! id), which never repeats; the epoch only orders claims, because a
-//! counter restarts when Redis loses it. CLAIM, RENEW and RELEASE match the
-//! holder, never the epoch.
+//! counter restarts when Redis loses it. CLAIM, VERIFY and RELEASE match
+//! the holder, never the epoch. Liveness (one lease per instance, the sweep
+//! of dead instances, and the check that fences a late one) is in
+//! `liveness.rs`.
 //!
 //! This pod also keeps its own view: which local connection holds each
 //! session. Two connections of one session claiming here at once may see
 //! their CLAIM replies in either order, so [`incoming_is_newer`] decides
 //! from what Redis answered, never from which await finished first.
 
-use std::sync::Arc;
-
 use dashmap::mapref::entry::Entry;
-use futures_util::future::join_all;
-use rand::Rng;
 
 use super::keys::SessionKeys;
 use super::{RedisBus, scripts};
-use crate::bus::{Claim, ConnId, Delivery, Holder, Mailbox, Result};
+use crate::bus::{Claim, ConnId, Holder, Mailbox, Result};
 use crate::protocol::close::CloseReason;
 use crate::protocol::{Offset, SessionId};
 
-/// How long the claim record outlives the last claim or renewal (ms). A
-/// pod cut off from Redis for longer than this, whose connection's records
-/// are all gone by then, can no longer prove that nobody claimed since
-/// (RENEW answers -2 and the connection is asked to reconnect).
+/// How long a claim record outlives its release or its instance's death
+/// (ms): the epoch keeps growing across reconnects within it. A pod cut off
+/// from Redis for longer than this can no longer prove that nobody claimed
+/// since (VERIFY answers -2 and the connection is asked to reconnect).
 pub(super) const CLAIM_MEMORY_MS: u64 = 7 * 24 * 3600 * 1000;
-
-/// Renewals sent at once in one upkeep pass.
-const RENEW_CHUNK: usize = 512;
 
 /// The instance as Redis stores it (`inst` fields, the claim record).
 pub(super) fn instance_field(instance: u64) -> String {
@@ -88,12 +83,12 @@ pub(super) fn incoming_is_newer(current: &LocalClaim, incoming: &LocalClaim) -> 
     order(incoming.claim.holder) > order(current.claim.holder)
 }
 
-/// What RENEW found (see `scripts::RENEW`).
+/// What VERIFY found (see `scripts::VERIFY`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Renewal {
-    /// Still the owner; lease extended.
+    /// Still the owner.
     Renewed,
-    /// The owner record had lapsed and nobody claimed since: restored.
+    /// The owner record was swept and nobody claimed since: restored.
     Restored,
     /// Another connection claimed the session since.
     Taken,
@@ -102,7 +97,7 @@ pub(super) enum Renewal {
 }
 
 impl Renewal {
-    fn from_reply(reply: i64) -> Option<Self> {
+    pub(super) fn from_reply(reply: i64) -> Option<Self> {
         match reply {
             1 => Some(Renewal::Renewed),
             2 => Some(Renewal::Restored),
@@ -112,7 +107,7 @@ impl Renewal {
         }
     }
 
-    fn label(self) -> &'static str {
+    pub(super) fn label(self) -> &'static str {
         match self {
             Renewal::Renewed => "renewed",
             Renewal::Restored => "renew_restored",
@@ -165,6 +160,7 @@ impl RedisBus {
         mailbox: &Mailbox,
     ) -> Result<Claim> {
         let keys = SessionKeys::new(session);
+        self.add_member(session).await?;
         let mut conn = self.conn.clone();
         let now = crate::bus::now_ms();
         let mut invocation = scripts::CLAIM.prepare_invoke();
@@ -174,12 +170,19 @@ impl RedisBus {
             .arg(&self.pod.name)
             .arg(&self.inst)
             .arg(mailbox.id)
-            .arg(self.lease_ms())
-            .arg(now)
-            .arg(CLAIM_MEMORY_MS);
-        let (epoch, live, prev_pod, prev_inst, prev_conn): (u64, i64, String, String, String) =
-            self.call("claim", invocation.invoke_async(&mut conn))
-                .await?;
+            .arg(now);
+        let claimed: Result<(u64, i64, String, String, String)> =
+            self.call("claim", invocation.invoke_async(&mut conn)).await;
+        let (epoch, live, prev_pod, prev_inst, prev_conn) = match claimed {
+            Ok(reply) => reply,
+            Err(e) => {
+                // A timeout may have claimed after all: then the record
+                // stays in Redis while the set forgets it (swept never,
+                // replaced by the next claim of the session).
+                self.remove_member(session).await;
+                return Err(e);
+            }
+        };
         let claim = Claim {
             epoch,
             holder: self.holder(mailbox.id),
@@ -258,11 +261,14 @@ impl RedisBus {
             .key(&keys.owner)
             .key(&keys.claim)
             .arg(instance_field(claim.holder.instance))
-            .arg(claim.holder.conn);
-        // On failure the lease runs out by itself.
+            .arg(claim.holder.conn)
+            .arg(CLAIM_MEMORY_MS);
+        // On failure the record stays until the session's next claim, or
+        // until this instance dies and is swept.
         let _ = self
             .call::<i64>("release", invocation.invoke_async(&mut conn))
             .await;
+        self.remove_member(session).await;
     }
 
     /// Closes the local connection of `session` if it is `holder`'s.
@@ -276,75 +282,6 @@ impl RedisBus {
             && owner.local.claim.holder == holder
         {
             owner.mailbox.close(reason);
-        }
-    }
-
-    /// Renews every local session's lease, and applies the fence to those
-    /// whose renewal says they no longer own it.
-    pub(super) async fn renew_sessions(&self) {
-        let owned: Vec<(SessionId, Holder, u64)> = self
-            .sessions
-            .iter()
-            .map(|e| (e.key().clone(), e.local.claim.holder, e.connected_at_ms))
-            .collect();
-        for chunk in owned.chunks(RENEW_CHUNK) {
-            let renewals = chunk.iter().map(|(session, holder, at)| async move {
-                let keys = SessionKeys::new(session);
-                let mut conn = self.conn.clone();
-                let mut invocation = scripts::RENEW.prepare_invoke();
-                invocation
-                    .key(&keys.owner)
-                    .key(&keys.claim)
-                    .arg(&self.pod.name)
-                    .arg(&self.inst)
-                    .arg(holder.conn)
-                    .arg(self.lease_ms())
-                    .arg(*at)
-                    .arg(CLAIM_MEMORY_MS);
-                let reply = self
-                    .call::<i64>("renew", invocation.invoke_async(&mut conn))
-                    .await;
-                (session, *holder, reply)
-            });
-            for (session, holder, reply) in join_all(renewals).await {
-                // Redis away: nothing is known; try again next period.
-                let Some(renewal) = reply.ok().and_then(Renewal::from_reply) else {
-                    continue;
-                };
-                self.apply_renewal(session, holder, renewal);
-            }
-        }
-    }
-
-    fn apply_renewal(&self, session: &SessionId, holder: Holder, renewal: Renewal) {
-        if renewal != Renewal::Renewed {
-            self.bus_metrics
-                .ownership
-                .with_label_values(&[renewal.label()])
-                .inc();
-        }
-        let jitter = match renewal {
-            Renewal::Lost => rand::rng().random_range(0..=self.opts.reconnect_jitter_ms),
-            _ => 0,
-        };
-        match after_renewal(renewal, jitter) {
-            Fence::Keep => {}
-            Fence::CatchUp => {
-                tracing::info!(%session, "owner record had lapsed and nobody claimed since; restored, catching up from the log");
-                if let Some(owner) = self.sessions.get(session)
-                    && owner.local.claim.holder == holder
-                {
-                    owner.mailbox.offer(&Arc::new(Delivery::resync(None)));
-                }
-            }
-            Fence::Close(reason) => {
-                if renewal == Renewal::Lost {
-                    tracing::warn!(%session, "Redis has no record of this session's claim (data lost); asking the client to reconnect");
-                } else {
-                    tracing::info!(%session, "lost the session to a newer claim; closing 4409");
-                }
-                self.close_holder(session, holder, reason);
-            }
         }
     }
 }

@@ -79,10 +79,14 @@ return {head, redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', ARGV[2]), trimm
 ///
 /// The epoch is one above both the owner record's and the claim record's,
 /// so it keeps growing while either survives; it orders claims but is never
-/// trusted alone (trap 15): RENEW and RELEASE match the holder.
+/// trusted alone (trap 15): VERIFY and RELEASE match the holder.
 ///
-/// KEYS: 1 owner, 2 claim. ARGV: 1 pod, 2 instance, 3 connection,
-/// 4 lease ms, 5 now ms, 6 how long the claim record is kept (ms).
+/// Neither record carries a per-session lease: the owner record lives as
+/// long as its instance (`HEARTBEAT`), so idle sessions cost Redis nothing
+/// (trap 17). The claim record is kept while claimed and expires after the
+/// release (RELEASE, SWEEP).
+///
+/// KEYS: 1 owner, 2 claim. ARGV: 1 pod, 2 instance, 3 connection, 4 now ms.
 /// Returns {epoch, live, pod, instance, connection} of the holder it
 /// displaced: live = 1 when that holder had an owner record (it may still
 /// be connected and must be told), 0 when it only had the claim record
@@ -102,59 +106,57 @@ if last then
   if i then linst, lconn, lpod = i, c, p end
 end
 epoch = epoch + 1
-redis.call('SET', KEYS[2], epoch .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[1], 'PX', ARGV[6])
+redis.call('SET', KEYS[2], epoch .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[1])
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'pod', ARGV[1], 'inst', ARGV[2], 'conn', ARGV[3], 'epoch', epoch, 'at', ARGV[5])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('HSET', KEYS[1], 'pod', ARGV[1], 'inst', ARGV[2], 'conn', ARGV[3], 'epoch', epoch, 'at', ARGV[4])
 if prev[2] then return {epoch, 1, prev[1] or '', prev[2], prev[3] or ''} end
 return {epoch, 0, lpod, linst, lconn}
 "#,
     )
 });
 
-/// Extends a holder's lease if it still owns the session: the fence.
+/// Checks that a holder still owns the session: the fence, run for every
+/// local session only when this pod's instance lease lapsed (or Redis
+/// forgot it), never at rest.
 ///
 /// Never writes an owner record over another holder's claim. Without an
 /// owner record the claim record decides: if it names this holder, nobody
-/// claimed since (only the lease lapsed, e.g. this pod could not reach
-/// Redis for longer than the lease) and the record is restored; if it names
-/// anyone else, or says that claim was released, the session moved.
+/// claimed since (only the record was swept, because this pod could not
+/// renew its instance lease in time) and the record is restored; if it
+/// names anyone else, or says that claim was released, the session moved.
 ///
 /// KEYS: 1 owner, 2 claim. ARGV: 1 pod, 2 instance, 3 connection,
-/// 4 lease ms, 5 connected at ms, 6 how long the claim record is kept (ms).
-/// Returns 1 renewed; 2 restored (routing skipped this holder meanwhile:
-/// catch up from the log); -1 another connection claimed the session
-/// since; -2 Redis has no trace of any claim (it lost its data), so nothing
-/// proves that nobody claimed since.
-pub static RENEW: LazyLock<Script> = LazyLock::new(|| {
+/// 4 connected at ms.
+/// Returns 1 still the owner; 2 restored (routing skipped this holder
+/// meanwhile: catch up from the log); -1 another connection claimed the
+/// session since; -2 Redis has no trace of any claim (it lost its data),
+/// so nothing proves that nobody claimed since.
+pub static VERIFY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local cur = redis.call('HMGET', KEYS[1], 'inst', 'conn')
 if cur[1] then
-  if cur[1] == ARGV[2] and cur[2] == ARGV[3] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[4])
-    redis.call('PEXPIRE', KEYS[2], ARGV[6])
-    return 1
-  end
+  if cur[1] == ARGV[2] and cur[2] == ARGV[3] then return 1 end
   return -1
 end
 local last = redis.call('GET', KEYS[2])
 if not last then return -2 end
 local e, i, c = string.match(last, '^(%d+) (%S+) (%S+)')
 if i ~= ARGV[2] or c ~= ARGV[3] then return -1 end
-redis.call('HSET', KEYS[1], 'pod', ARGV[1], 'inst', ARGV[2], 'conn', ARGV[3], 'epoch', e, 'at', ARGV[5])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[6])
+redis.call('PERSIST', KEYS[2])
+redis.call('HSET', KEYS[1], 'pod', ARGV[1], 'inst', ARGV[2], 'conn', ARGV[3], 'epoch', e, 'at', ARGV[4])
 return 2
 "#,
     )
 });
 
 /// Gives up ownership if this holder still has it, and marks its claim
-/// record released (a late RENEW of the same holder then restores nothing).
+/// record released (a late VERIFY of the same holder then restores
+/// nothing). The released record is kept for `memory` ms, so the epoch
+/// keeps growing across reconnects.
 ///
-/// KEYS: 1 owner, 2 claim. ARGV: 1 instance, 2 connection. Returns 1 if
-/// the owner record was this holder's and is gone now.
+/// KEYS: 1 owner, 2 claim. ARGV: 1 instance, 2 connection, 3 memory ms.
+/// Returns 1 if the owner record was this holder's and is gone now.
 pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -167,9 +169,94 @@ end
 local last = redis.call('GET', KEYS[2])
 if last then
   local e, i, c = string.match(last, '^(%d+) (%S+) (%S+)')
-  if i == ARGV[1] and c == ARGV[2] then redis.call('SET', KEYS[2], e, 'KEEPTTL') end
+  if i == ARGV[1] and c == ARGV[2] then redis.call('SET', KEYS[2], e, 'PX', ARGV[3]) end
 end
 return released
+"#,
+    )
+});
+
+/// Renews this instance's lease and lists instances whose lease lapsed.
+///
+/// KEYS: 1 instances (sorted set). ARGV: 1 instance, 2 lease ms, 3 most
+/// lapsed instances to list.
+/// Returns {lapsed, dead}: lapsed is 0 when this instance's lease was
+/// still running, 1 when it had run out, 2 when Redis had no record of it
+/// (first heartbeat, or Redis lost its data); dead lists other instances
+/// whose lease ran out.
+pub static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local prev = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+local lapsed = 0
+if not prev then lapsed = 2 elseif tonumber(prev) < now then lapsed = 1 end
+return {lapsed, redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, tonumber(ARGV[3]))}
+"#,
+    )
+});
+
+/// Forgets a dead instance if its lease is still lapsed (it may have come
+/// back while it was swept: then it stays).
+///
+/// KEYS: 1 instances. ARGV: 1 instance. Returns 1 if it was removed.
+pub static FORGET_INSTANCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) < now then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
+"#,
+    )
+});
+
+/// Whether an instance's lease is lapsed now (by the Redis clock).
+///
+/// KEYS: 1 instances. ARGV: 1 instance. Returns 1 if lapsed, 0 if running
+/// or unknown.
+pub static INSTANCE_LAPSED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) < now then return 1 end
+return 0
+"#,
+    )
+});
+
+/// Deletes a lock if it is still the caller's.
+///
+/// KEYS: 1 lock. ARGV: 1 the caller's token. Returns 1 if deleted.
+pub static UNLOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#,
+    )
+});
+
+/// Removes a dead instance's owner record of one session (only if it still
+/// names that instance: the session may have been claimed since), and
+/// lets its claim record expire like a released one. The claim record
+/// keeps naming the holder: if the instance was only late, VERIFY restores
+/// the record.
+///
+/// KEYS: 1 owner, 2 claim. ARGV: 1 instance, 2 memory ms.
+/// Returns 1 if a record was removed.
+pub static SWEEP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HGET', KEYS[1], 'inst') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
 "#,
     )
 });

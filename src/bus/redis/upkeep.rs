@@ -1,7 +1,9 @@
 //! The pod's periodic upkeep, every lease/3: publish its status, keep its
-//! inbox alive, renew its sessions' leases (the fence, `ownership.rs`) and
-//! its channel memberships, report its pending inbox entries, and pick up
-//! the controller's order for it.
+//! inbox alive, renew its instance's lease (the liveness of all its
+//! sessions, and the sweep of dead instances: `liveness.rs`) and its
+//! channel memberships, report its pending inbox entries, and pick up the
+//! controller's order for it. Its Redis commands grow with pods and
+//! channels with local subscribers, never with connections (trap 17).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,7 +49,7 @@ async fn once(bus: &RedisBus) {
         )
         .await;
 
-    bus.renew_sessions().await;
+    bus.heartbeat().await;
     read_order(bus, &mut conn).await;
 
     let channels: Vec<ChannelName> = bus.channels.iter().map(|e| e.key().clone()).collect();

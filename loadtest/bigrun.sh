@@ -35,6 +35,11 @@
 #   under CARGO_TARGET_DIR or ./target; build with
 #   `cargo build --release -p wsfleet -p wsfleet-bench`)
 #   OUT_DIR=loadtest/results  TAG=(timestamp)
+#   REDIS=0        1: cluster mode. Starts a redis-server (no persistence)
+#                 on REDIS_PORT (BASE_PORT-1) and gives every pod its URL;
+#                 then measures Redis at rest over REST_S (10) seconds with
+#                 every connection held and idle: commands/s, CPU, and
+#                 memory per idle session
 # Everything it starts is stopped on exit (trap), and every step is bounded
 # by `timeout`; the whole run by MAX_SECONDS (default: ramp + hold + 300).
 set -euo pipefail
@@ -113,6 +118,10 @@ prefix="$OUT_DIR/bigrun-$TAG"
 
 pod_pids=()
 bench_pgids=()
+redis_pid=
+REDIS=${REDIS:-0}
+REDIS_PORT=${REDIS_PORT:-$((BASE_PORT - 1))}
+REST_S=${REST_S:-10}
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
@@ -121,6 +130,7 @@ cleanup() {
     sleep 1
     for g in "${bench_pgids[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
     for p in "${pod_pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+    [[ -n $redis_pid ]] && kill -KILL "$redis_pid" 2>/dev/null
     wait 2>/dev/null || true
     rm -rf "$work"
     exit "$rc"
@@ -154,12 +164,32 @@ sample() {
 echo "bigrun: $PODS pods, $CONNECTIONS held + $PING_CONNECTIONS pinging connections, $PROCESSES bench processes, sources $SOURCE_IPS (ping: $PING_SOURCE_IPS), hold ${DURATION}s"
 sample before_pods >"$work/samples.jsonl"
 
+cluster_args=()
+if ((REDIS)); then
+    command -v redis-server >/dev/null || die "REDIS=1 needs redis-server"
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+        --dir "$work" --logfile "$work/redis.log" --maxclients 10000 &
+    redis_pid=$!
+    for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    redis-cli -p "$REDIS_PORT" ping >/dev/null || die "redis-server did not start: $(tail -5 "$work/redis.log")"
+    cluster_args=(--redis-url "redis://127.0.0.1:$REDIS_PORT")
+fi
+# Redis facts for the rest window: total commands, CPU seconds, memory.
+redis_info() {
+    redis-cli -p "$REDIS_PORT" info all | tr -d '\r' | awk -F: '
+        $1 == "total_commands_processed" { c = $2 }
+        $1 == "used_cpu_user" { u = $2 } $1 == "used_cpu_sys" { s = $2 }
+        $1 == "used_memory" { m = $2 }
+        END { printf "{\"commands\":%s,\"cpu_s\":%s,\"used_memory\":%s,\"t\":%s}\n", c, u + s, m, systime() }'
+}
+((REDIS)) && redis_info >"$work/redis-idle.json"
+
 urls=()
 for ((i = 0; i < PODS; i++)); do
     port=$((BASE_PORT + i))
     RUST_LOG=${RUST_LOG:-warn} "$WSFLEET_BIN" serve --listen "127.0.0.1:$port" --pod-name "bigrun-$i" \
         --read-buffer-bytes "$READ_BUFFER" --write-buffer-bytes "$WRITE_BUFFER" --heartbeat-s "${HEARTBEAT_S:-25}" \
-        --max-connections $((per_pod + 1000)) >"$work/pod-$i.log" 2>&1 &
+        --max-connections $((per_pod + 1000)) "${cluster_args[@]}" >"$work/pod-$i.log" 2>&1 &
     pod_pids+=($!)
     urls+=("ws://127.0.0.1:$port/ws")
 done
@@ -215,6 +245,23 @@ done
 ramp_seconds=$SECONDS
 sleep 3
 sample all_connected >>"$work/samples.jsonl"
+echo '{}' >"$work/redis-rest.json"
+if ((REDIS)); then
+    # Every connection held and idle: what Redis does at rest.
+    redis_info >"$work/redis-rest-start.json"
+    sleep "$REST_S"
+    redis_info >"$work/redis-rest-end.json"
+    jq -n --slurpfile a "$work/redis-rest-start.json" --slurpfile b "$work/redis-rest-end.json" \
+        --slurpfile idle "$work/redis-idle.json" --argjson held "$(((($(sockstat_tcp inuse) - base_inuse)) / 2))" '
+        ($a[0]) as $a | ($b[0]) as $b | ($idle[0]) as $i | (($b.t - $a.t) | if . < 1 then 1 else . end) as $dt
+        | {window_s: $dt, connections_held: $held,
+           commands_per_s: (($b.commands - $a.commands - 1) / $dt),
+           cpu_percent: (($b.cpu_s - $a.cpu_s) / $dt * 100),
+           used_memory_bytes: $b.used_memory,
+           memory_bytes_per_session: (if $held > 0 then ($a.used_memory - $i.used_memory) / $held else null end)}' \
+        >"$work/redis-rest.json"
+    redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' >"$prefix-redis-commandstats.txt"
+fi
 
 # Phase 2: pings flow over extra connections while the rest are held.
 set +e
@@ -245,6 +292,7 @@ jq -n \
     --slurpfile samples "$work/samples.jsonl" \
     --slurpfile connect <(cat "$prefix-connect.json" 2>/dev/null || echo null) \
     --slurpfile ping <(cat "$prefix-ping.json" 2>/dev/null || echo null) \
+    --slurpfile redis_rest "$work/redis-rest.json" --argjson redis "$REDIS" \
     --argjson pods "$PODS" --argjson connections "$CONNECTIONS" --argjson processes "$PROCESSES" \
     --argjson duration "$DURATION" --argjson ping_connections "$PING_CONNECTIONS" \
     --arg source_ips "$SOURCE_IPS" --argjson connect_rc "$connect_rc" --argjson ping_rc "$ping_rc" \
@@ -255,7 +303,8 @@ jq -n \
     | ($c.memory.connections // 0) as $n
     | def per(x): if $n > 0 then (x * 1024 / $n) else null end;
     {
-      params: {pods: $pods, connections: $connections, processes: $processes,
+      redis_at_rest: (if $redis == 1 then $redis_rest[0] else null end),
+      params: {pods: $pods, cluster_mode: ($redis == 1), connections: $connections, processes: $processes,
                duration_s: $duration, ping_connections: $ping_connections,
                source_ips: $source_ips, read_buffer: $read_buffer},
       exit_codes: {connect: $connect_rc, ping: $ping_rc},
@@ -286,6 +335,7 @@ jq -r --argjson mem_total_kib "$mem_total_kib" '
   | "# bigrun \(.params.pods) pods, \(.params.connections) connections\n",
     "- held: \(.connections_held) of \(.params.connections) (bench exit \(.exit_codes.connect)), \(.params.processes) bench processes, sources \(.params.source_ips)",
     "- handshakes/s: \(.handshakes_per_s | fmt1); handshake p99 \(.connect.latency_ms.handshake.p99_ms | fmt1) ms",
+    (if .redis_at_rest then "- cluster mode, Redis at rest over \(.redis_at_rest.window_s) s with \(.redis_at_rest.connections_held) idle connections: \(.redis_at_rest.commands_per_s | fmt1) commands/s, \(.redis_at_rest.cpu_percent | fmt1)% of a core, \(.redis_at_rest.memory_bytes_per_session | fmt1) bytes of Redis memory per idle session" else empty end),
     "- ping phase: \(.ping.counts.ping_sent // 0) sent, \(.ping.counts.pong_received // 0) answered, RTT p50 \(.ping.latency_ms.rtt.p50_ms | fmt1) / p99 \(.ping.latency_ms.rtt.p99_ms | fmt1) / p99.9 \(.ping.latency_ms.rtt.p999_ms | fmt1) ms (bench exit \(.exit_codes.ping))",
     "",
     "| per connection pair | bytes |",

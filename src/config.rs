@@ -330,6 +330,15 @@ pub struct ServeConfig {
     #[arg(long, env = "WSFLEET_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
     pub max_frame_bytes: usize,
 
+    /// Most messages in one `POST /v1/messages` batch.
+    #[arg(long, env = "WSFLEET_MAX_BATCH_MESSAGES", default_value_t = 1000)]
+    pub max_batch_messages: usize,
+
+    /// Largest `POST /v1/messages` body in bytes (each message's `data`
+    /// still obeys --max-frame-bytes).
+    #[arg(long, env = "WSFLEET_MAX_BATCH_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_batch_bytes: usize,
+
     /// Most channel subscriptions per connection.
     #[arg(long, env = "WSFLEET_MAX_SUBSCRIPTIONS", default_value_t = 64)]
     pub max_subscriptions: usize,
@@ -473,6 +482,8 @@ impl ServeConfig {
         let non_zero = [
             (self.max_connections, "--max-connections"),
             (self.max_frame_bytes, "--max-frame-bytes"),
+            (self.max_batch_messages, "--max-batch-messages"),
+            (self.max_batch_bytes, "--max-batch-bytes"),
             (self.outbound_queue, "--outbound-queue"),
             (self.retention_messages, "--retention-messages"),
             (self.rate_limit_per_sec as usize, "--rate-limit-per-sec"),

@@ -114,6 +114,7 @@ async fn run_all(redis_url: &str, flags: &[&str], tag: &'static str) {
     scenario!(idempotency_key_holds_across_pods);
     scenario!(resume_on_a_different_pod_delivers_exactly_the_rest);
     scenario!(upstream_events_land_in_the_redis_stream);
+    scenario!(a_batch_through_another_pod_reaches_sessions_and_channels_in_order);
     assert!(
         failed.is_empty(),
         "[{tag}] {} scenario(s) failed:\n{}",
@@ -312,6 +313,61 @@ async fn channel_publish_reaches_subscribers_on_every_pod(fleet: &Fleet) {
     clients[1].send_json(json!({"type":"ping","id":"p"})).await;
     let next = clients[1].recv_json().await;
     assert_eq!(next["type"], "pong", "unsubscribed on B, yet got {next}");
+}
+
+async fn a_batch_through_another_pod_reaches_sessions_and_channels_in_order(fleet: &Fleet) {
+    let (s1, s2, ch) = (
+        fleet.name("batch-1"),
+        fleet.name("batch-2"),
+        fleet.name("batch-c"),
+    );
+    let (mut on_a, _) = fleet.a().session(&s1).await;
+    let (mut on_b, _) = fleet.b().session(&s2).await;
+    let ack = on_b
+        .request(json!({"type":"subscribe","channel":ch}), 1)
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    // 60 messages interleaved over three targets, sent through pod-c.
+    let mut messages = Vec::new();
+    for i in 0..20 {
+        messages.push(json!({"session": s1, "data": i}));
+        messages.push(json!({"session": s2, "data": i}));
+        messages.push(json!({"channel": ch, "data": i}));
+    }
+    messages.push(json!({"session": "bad name", "data": 0}));
+    let (status, body) = common::post_json(
+        &fleet.c().http("/v1/messages"),
+        json!({ "messages": messages }),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().expect("results");
+    assert_eq!(results.len(), 61, "{body}");
+    assert_eq!(results[60]["error"]["code"], "bad_request", "{body}");
+    for (i, r) in results[..60].iter().enumerate() {
+        assert!(r["offset"].is_string(), "message {i}: {r}");
+    }
+    for i in 0..20 {
+        let m = on_a.recv_json().await;
+        assert_eq!(
+            (m["data"].as_i64(), &m["offset"]),
+            (Some(i), &results[3 * i as usize]["offset"]),
+            "{m}"
+        );
+    }
+    // pod-b gets s2's messages and the channel's, each stream in order.
+    let (mut direct, mut channel) = (0, 0);
+    while direct < 20 || channel < 20 {
+        let m = on_b.recv_json().await;
+        if m["channel"].is_string() {
+            assert_eq!(m["data"].as_i64(), Some(channel), "{m}");
+            channel += 1;
+        } else {
+            assert_eq!(m["data"].as_i64(), Some(direct), "{m}");
+            direct += 1;
+        }
+    }
 }
 
 async fn takeover_across_pods_closes_the_old_connection_4409(fleet: &Fleet) {

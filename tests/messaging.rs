@@ -410,3 +410,84 @@ async fn operator_metrics_count_resumes_replays_bytes_depth_and_lifetimes() {
     })
     .await;
 }
+
+/// `POST /v1/messages`: one result per message, in order; each message
+/// accepted or refused on its own; a body that is no batch refused whole.
+#[tokio::test]
+async fn a_batch_answers_each_message_on_its_own_in_order() {
+    let server = Server::start(&["--max-batch-messages", "5", "--max-batch-bytes", "4096"]).await;
+    let (mut client, _) = server.session("b1").await;
+    let url = server.http("/v1/messages");
+    let (status, body) = common::post_json(
+        &url,
+        json!({"messages": [
+            {"session": "b1", "data": "one"},
+            {"session": "b1", "data": {"x": 2}},
+            {"session": "b1", "data": "dup", "idempotency_key": "k"},
+            {"channel": "no subscribers", "data": 1},
+            {"session": "b1", "data": "dup", "idempotency_key": "k"},
+        ]}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().expect("results");
+    assert_eq!(results.len(), 5);
+    assert_eq!(results[3]["error"]["code"], "bad_request", "{body}");
+    assert!(
+        results[3]["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("channel")
+    );
+    assert_eq!(
+        results[4]["offset"], results[2]["offset"],
+        "the idempotency key holds within a batch"
+    );
+    for (i, want) in [json!("one"), json!({"x": 2}), json!("dup")]
+        .iter()
+        .enumerate()
+    {
+        let m = client.recv_json().await;
+        assert_eq!(&m["data"], want, "{m}");
+        assert_eq!(m["offset"], results[i]["offset"]);
+    }
+    client.assert_alive().await;
+
+    // Whole-body refusals: nothing stored, JSON error bodies.
+    let six: Vec<_> = (0..6)
+        .map(|i| json!({"session": "b1", "data": i}))
+        .collect();
+    let big = "x".repeat(5000);
+    let cases = [
+        (json!({"messages": six}), 413, "too_large"),
+        (json!({"messages": []}), 400, "bad_request"),
+        (json!({"message": []}), 400, "bad_request"),
+        (
+            json!({"messages": [{"session": "b1", "data": big}]}),
+            413,
+            "too_large",
+        ),
+    ];
+    for (body, want_status, code) in cases {
+        let (status, answer) = common::post_json(&url, body, &[]).await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (want_status, Some(code)),
+            "{answer}"
+        );
+    }
+    client.assert_alive().await;
+    let metrics = server.metrics().await;
+    assert_eq!(
+        common::metric(
+            &metrics,
+            "wsfleet_batch_messages_total{result=\"accepted\"}"
+        ),
+        4.0
+    );
+    assert_eq!(
+        common::metric(&metrics, "wsfleet_batch_messages_total{result=\"refused\"}"),
+        1.0
+    );
+}

@@ -154,7 +154,7 @@ pub fn parse_idempotency_key(value: &[u8]) -> Result<&str, ApiError> {
 }
 
 /// The body as axum read it, or why it could not (too large: 413).
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+pub(super) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -188,7 +188,11 @@ fn count(state: &AppState, route: &str, status: StatusCode) {
 }
 
 /// Runs a handler body and counts its outcome under `route`.
-fn finish(state: &AppState, route: &str, result: Result<Response, ApiError>) -> Response {
+pub(super) fn finish(
+    state: &AppState,
+    route: &str,
+    result: Result<Response, ApiError>,
+) -> Response {
     let response = result.unwrap_or_else(IntoResponse::into_response);
     count(state, route, response.status());
     response

@@ -12,6 +12,7 @@
 //! * `error`      - the JSON error body every HTTP path answers with
 
 mod api;
+mod batch;
 mod connection;
 mod control;
 mod error;
@@ -66,6 +67,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(api::get_session).delete(api::delete_session),
         )
         .route("/channels/{channel}/messages", post(api::publish))
+        .route(
+            "/messages",
+            post(batch::send_batch).layer(axum::extract::DefaultBodyLimit::max(
+                state.config.max_batch_bytes,
+            )),
+        )
         .route("/fleet", get(api::fleet))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

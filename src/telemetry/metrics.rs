@@ -30,6 +30,8 @@ pub struct Metrics {
     pub frames_out: IntCounterVec,
     /// Messages made durable, by kind (`session`, `channel`).
     pub messages_accepted: IntCounterVec,
+    /// Messages of `POST /v1/messages` batches, by `result`.
+    pub batch_messages: IntCounterVec,
     /// Messages written to a socket, by kind.
     pub messages_delivered: IntCounterVec,
     /// Connections closed because their outbound queue was full.
@@ -156,7 +158,7 @@ impl Metrics {
         register_process_metrics(&registry);
         let r = &registry;
         let gauge = |name: &str, help: &str| register(r, IntGauge::new(name, help).expect("gauge"));
-        Self {
+        let metrics = Self {
             connections: gauge("wsfleet_connections", "Open WebSocket connections"),
             capacity: gauge(
                 "wsfleet_capacity",
@@ -212,6 +214,12 @@ impl Metrics {
                 "wsfleet_messages_accepted_total",
                 "Messages made durable, by kind",
                 &["kind"]
+            ),
+            batch_messages: counter!(
+                r,
+                "wsfleet_batch_messages_total",
+                "Messages of POST /v1/messages batches, by result (accepted, refused)",
+                &["result"]
             ),
             messages_delivered: counter!(
                 r,
@@ -351,7 +359,13 @@ impl Metrics {
                 DEPTH_BUCKETS,
             ),
             registry,
+        };
+        // Known, bounded label values start at zero, so dashboards and
+        // rate() see the series before the first event.
+        for result in ["accepted", "refused"] {
+            metrics.batch_messages.with_label_values(&[result]);
         }
+        metrics
     }
 
     /// The registry, for subsystems (the Redis bus) that add their own metrics.

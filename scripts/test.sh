@@ -16,8 +16,11 @@ command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 # tests/helm_chart.rs renders the chart with the real Helm engine from a
 # virtualenv (below); Debian's python3 needs python3-venv for that.
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
-# tests/alerts.rs checks and unit-tests the alerting rules with promtool.
-command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+# tests/alerts.rs checks and unit-tests the alerting rules with promtool;
+# tests/dashboards.rs runs a real Prometheus server. Both from one package.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  need_apt+=(prometheus)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} for the tests"
   SUDO=""
@@ -37,8 +40,8 @@ export WSFLEET_TEST_PYTHON="$PWD/$venv/bin/python"
 
 # The Redis package may start a system instance on 6379; the tests never use
 # it: each starts its own redis-server on a free loopback port.
-# Likewise the prometheus package may start one on 9090: the tests only run
-# its promtool.
+# Likewise the prometheus package may start one on 9090: the tests run
+# promtool, and their own prometheus on a free loopback port.
 
 # The runner's last line is the doc-test summary (0 tests); end with the
 # totals of every test binary instead, so a reader (or CI) sees them last.

@@ -74,7 +74,7 @@ impl ControllerMetrics {
         registry
             .register(Box::new(reconcile_duration.clone()))
             .expect("register");
-        Self {
+        let this = Self {
             fleet_connections: gauge(
                 "wsfleet_controller_fleet_connections",
                 "Connections on the gateway pods that reported",
@@ -135,7 +135,36 @@ impl ControllerMetrics {
             ),
             reconcile_duration,
             registry,
+        };
+        // Zeros from the start for every label value the code uses, so
+        // dashboards show "none yet" rather than "no data".
+        for direction in ["up", "down"] {
+            this.scale_actions.with_label_values(&[direction]);
         }
+        for reason in [
+            "steady",
+            "waiting_to_scale_up",
+            "stabilizing",
+            "unknown_pods",
+            "no_data",
+            "no_victims",
+        ] {
+            this.holds.with_label_values(&[reason]);
+        }
+        for reason in [
+            "balanced",
+            "unknown_pods",
+            "busy",
+            "budget_spent",
+            "no_room",
+            "too_few",
+        ] {
+            this.rebalance_skips.with_label_values(&[reason]);
+        }
+        for stage in ["lease", "pods", "redis", "kube", "leadership"] {
+            this.reconcile_errors.with_label_values(&[stage]);
+        }
+        this
     }
 
     pub fn render(&self) -> String {

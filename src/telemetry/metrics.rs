@@ -152,8 +152,49 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// Label values known up front, exported as zeros from the start: a series
+/// that only appears with its first event leaves dashboard panels empty and
+/// makes `rate`/`increase` miss that first event.
+const KINDS: &[&str] = &["session", "channel"];
+const CLOSE_CODES: &[&str] = &[
+    "1000", "1001", "1008", "1011", "1012", "1013", "4409", "none",
+];
+const REJECT_REASONS: &[&str] = &[
+    "unauthorized",
+    "forbidden",
+    "origin",
+    "capacity",
+    "draining",
+    "bad_request",
+    "not_websocket",
+    "upgrade",
+    "websocket",
+];
+const ORDER_ACTIONS: &[&str] = &["shed", "drain"];
+
 impl Metrics {
     pub fn new() -> Self {
+        let metrics = Self::unset();
+        for kind in KINDS {
+            metrics.messages_accepted.with_label_values(&[kind]);
+            metrics.messages_delivered.with_label_values(&[kind]);
+            metrics.messages_replayed.with_label_values(&[kind]);
+            metrics.replay_gaps.with_label_values(&[kind]);
+            metrics.delivery_latency.with_label_values(&[kind]);
+        }
+        for code in CLOSE_CODES {
+            metrics.connections_closed.with_label_values(&[code]);
+        }
+        for reason in REJECT_REASONS {
+            metrics.handshakes_rejected.with_label_values(&[reason]);
+        }
+        for action in ORDER_ACTIONS {
+            metrics.orders.with_label_values(&[action]);
+        }
+        metrics
+    }
+
+    fn unset() -> Self {
         let registry = Registry::new();
         register_process_metrics(&registry);
         let r = &registry;

@@ -271,6 +271,13 @@ impl BusMetrics {
                 tracing::error!(error = %e, "registering a bus metric failed");
             }
         }
+        // Zeros from the start for the known label values, so dashboards
+        // and `rate` see the series before its first event.
+        for kind in ["session", "channel"] {
+            for direction in ["in", "out"] {
+                this.routed.with_label_values(&[kind, direction]);
+            }
+        }
         this
     }
 
@@ -282,6 +289,9 @@ impl BusMetrics {
         effect: Effect,
         call: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, BusError> {
+        // The error series of a command exists (at 0) as soon as its
+        // latency series does: operators see "no errors", not "no data".
+        let errors = self.errors.with_label_values(&[command]);
         let started = Instant::now();
         let outcome = tokio::time::timeout(limit, call).await;
         self.command_duration
@@ -292,7 +302,7 @@ impl BusMetrics {
             Ok(Err(e)) => classify(command, effect, Failure::Redis(&e)),
             Err(_) => classify(command, effect, Failure::Deadline(limit)),
         };
-        self.errors.with_label_values(&[command]).inc();
+        errors.inc();
         match &error {
             BusError::Full(_) => self.oom_refusals.inc(),
             BusError::Timeout(why) => {

@@ -250,6 +250,20 @@ impl RepairMetrics {
                 tracing::error!(error = %e, "registering a repair metric failed");
             }
         }
+        // Zeros from the start, so dashboards show "no repairs", not "no data".
+        for kind in ["session", "channel"] {
+            this.route_failures.with_label_values(&[kind]);
+        }
+        for reason in [
+            "route_failed",
+            "pending",
+            "hole",
+            "inbox_lost",
+            "inbox_backlog",
+            "head_check",
+        ] {
+            this.repairs.with_label_values(&[reason]);
+        }
         this
     }
 }

@@ -188,6 +188,9 @@ impl Metrics {
         for reason in REJECT_REASONS {
             metrics.handshakes_rejected.with_label_values(&[reason]);
         }
+        for result in ["accepted", "refused"] {
+            metrics.batch_messages.with_label_values(&[result]);
+        }
         for action in ORDER_ACTIONS {
             metrics.orders.with_label_values(&[action]);
         }
@@ -199,7 +202,7 @@ impl Metrics {
         register_process_metrics(&registry);
         let r = &registry;
         let gauge = |name: &str, help: &str| register(r, IntGauge::new(name, help).expect("gauge"));
-        let metrics = Self {
+        Self {
             connections: gauge("wsfleet_connections", "Open WebSocket connections"),
             capacity: gauge(
                 "wsfleet_capacity",
@@ -400,13 +403,7 @@ impl Metrics {
                 DEPTH_BUCKETS,
             ),
             registry,
-        };
-        // Known, bounded label values start at zero, so dashboards and
-        // rate() see the series before the first event.
-        for result in ["accepted", "refused"] {
-            metrics.batch_messages.with_label_values(&[result]);
         }
-        metrics
     }
 
     /// The registry, for subsystems (the Redis bus) that add their own metrics.

@@ -600,4 +600,14 @@ async fn a_publish_burst_reaches_every_subscriber_exactly_once_in_order() {
         closed == 0 || overflows > 0.0,
         "{closed} subscribers were closed without a queue overflow"
     );
+    // Subscribers in order never read the log (issue 10's slow mode: a log
+    // read per subscriber per hole, a standing queue on Redis): a hole is
+    // filled once per pod, by the pod's fan-out cursor, which offers only
+    // in order.
+    let connection_reads = metric(&metrics(&a).await, "wsfleet_holes_filled_total")
+        + metric(&metrics(&b).await, "wsfleet_holes_filled_total");
+    assert_eq!(
+        connection_reads, 0.0,
+        "subscribers read the channel log themselves"
+    );
 }

@@ -83,6 +83,60 @@ impl Publisher {
     }
 }
 
+/// One result of a `POST /v1/messages` batch.
+#[derive(Deserialize)]
+struct BatchResult {
+    offset: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct BatchAnswer {
+    results: Vec<BatchResult>,
+}
+
+impl Publisher {
+    /// POSTs one `POST /v1/messages` batch, a message to each of
+    /// `sessions`; counts `post_ok` per accepted message, `post_failed.*`
+    /// per refused one (or all of them when the request fails), records
+    /// `http_batch` latency per request.
+    pub async fn post_batch(&self, base: &str, sessions: &[String], first_n: u64) {
+        let url = format!("{base}/v1/messages");
+        let t = now_micros();
+        let messages: Vec<_> = sessions
+            .iter()
+            .enumerate()
+            .map(|(k, s)| serde_json::json!({"session": s, "data": {"t": t, "n": first_n + k as u64}}))
+            .collect();
+        let body = serde_json::json!({ "messages": messages });
+        let started = Instant::now();
+        let answer = async {
+            let resp = self.client.post(&url).json(&body).send().await?;
+            let status = resp.status().as_u16();
+            if status != 200 {
+                return Err(Error::HttpStatus(status));
+            }
+            Ok::<BatchAnswer, Error>(resp.json().await?)
+        }
+        .await;
+        match answer {
+            Ok(a) => {
+                self.stats.record("http_batch", started.elapsed());
+                for r in a.results {
+                    match r.offset {
+                        Some(_) => self.stats.incr("post_ok"),
+                        None => self.stats.error("post_failed", &Error::HttpStatus(200)),
+                    }
+                }
+            }
+            Err(e) => {
+                for _ in sessions {
+                    self.stats.error("post_failed", &e);
+                }
+            }
+        }
+    }
+}
+
 /// Calls `send(n)` `rate` times per second until `until`, spawning each call
 /// so that slow requests do not hold up the schedule (only the in-flight
 /// bound does). Returns when every spawned call has finished.

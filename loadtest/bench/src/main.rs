@@ -64,6 +64,11 @@ enum Command {
         /// Longest wait for accepted messages to arrive, seconds.
         #[arg(long, default_value_t = 5.0)]
         drain: f64,
+        /// Messages per POST: above 1, messages go in `POST /v1/messages`
+        /// batches of this many (to consecutive sessions), `rate`/`batch`
+        /// requests a second.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
     },
     /// Channel fan-out: subscribers on one channel, publishes over HTTP.
     Fanout {
@@ -393,6 +398,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             rate,
             http,
             drain,
+            batch,
         } => (
             Plan::Direct(direct::Params {
                 common: common.common(10.0)?,
@@ -401,6 +407,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 http_targets: http.targets()?,
                 max_in_flight: http.max_in_flight,
                 drain_s: drain,
+                batch,
             }),
             common,
         ),

@@ -171,6 +171,7 @@ async fn direct_against_wsfleet() {
             http_targets: Vec::new(),
             max_in_flight: 16,
             drain_s: 5.0,
+            batch: 1,
         }),
     )
     .await;
@@ -181,6 +182,33 @@ async fn direct_against_wsfleet() {
     assert_eq!(report.count("undelivered"), 0);
     assert_percentiles(&report, "delivery", posted);
     assert_percentiles(&report, "http_post", posted);
+    server.stop().await;
+}
+
+/// The same through `POST /v1/messages` batches of 10.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_in_batches_against_wsfleet() {
+    let server = Server::start().await;
+    let report = bounded(
+        "direct-batch",
+        direct::run(direct::Params {
+            common: server.common(1.0),
+            sessions: 10,
+            rate: 200.0,
+            http_targets: Vec::new(),
+            max_in_flight: 16,
+            drain_s: 5.0,
+            batch: 10,
+        }),
+    )
+    .await;
+    assert_no_errors(&report);
+    let posted = report.count("post_ok");
+    assert!(posted >= 100, "expected ~200 messages, got {posted}");
+    assert_eq!(posted % 10, 0, "whole batches: {posted}");
+    assert_eq!(report.count("delivered"), posted, "{}", report.human());
+    assert_percentiles(&report, "delivery", posted);
+    assert_percentiles(&report, "http_batch", posted / 10);
     server.stop().await;
 }
 

@@ -34,6 +34,13 @@ pub struct Params {
     pub max_in_flight: usize,
     /// Longest wait for accepted messages to arrive after the run.
     pub drain_s: f64,
+    /// Messages per request: above 1, `POST /v1/messages` batches.
+    #[serde(default = "one")]
+    pub batch: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Params {
@@ -42,6 +49,12 @@ impl Params {
         check_range("rate", self.rate, 0.0, MAX_RATE)?;
         check_range("drain", self.drain_s, 0.0, 600.0)?;
         validate_http_targets(&self.http_targets)?;
+        if !(1..=1000).contains(&self.batch) {
+            return Err(Error::InvalidParam(format!(
+                "batch must be 1..=1000, got {}",
+                self.batch
+            )));
+        }
         validate_in_flight(self.max_in_flight)
     }
 }
@@ -96,19 +109,25 @@ pub async fn execute_with(
         let http: Arc<[String]> = p.http_targets.clone().into();
         let dialer = fleet.dialer().clone();
         let publisher_ref = publisher.clone();
-        paced(&publisher, share.rate(p.rate), until, |n| {
-            let global = range.start + (n as usize % range.len());
+        let batch = p.batch.max(1);
+        paced(&publisher, share.rate(p.rate) / batch as f64, until, |n| {
+            let first = n as usize * batch;
+            let global = |k: usize| range.start + ((first + k) % range.len());
             let base = if http.is_empty() {
-                dialer.target(global).http_base()
+                dialer.target(global(0)).http_base()
             } else {
                 http[n as usize % http.len()].clone()
             };
-            let session = p.common.session(global);
+            let sessions: Vec<String> = (0..batch).map(|k| p.common.session(global(k))).collect();
             let publisher = publisher_ref.clone();
             async move {
-                let _ = publisher
-                    .post(&base, Destination::Session(&session), n)
-                    .await;
+                if batch == 1 {
+                    let _ = publisher
+                        .post(&base, Destination::Session(&sessions[0]), n)
+                        .await;
+                } else {
+                    publisher.post_batch(&base, &sessions, first as u64).await;
+                }
             }
         })
         .await;

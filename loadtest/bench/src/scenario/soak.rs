@@ -61,6 +61,7 @@ impl Params {
                 http_targets: self.http_targets.clone(),
                 max_in_flight: 64,
                 drain_s: 10.0,
+                batch: 1,
             },
         )
     }

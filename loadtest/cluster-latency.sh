@@ -8,7 +8,9 @@
 #   loadtest/cluster-latency.sh 1000 5000 20000      # rates in messages/s
 #
 # Env: DURATION (s, default 10), SESSIONS (1000), OUT (loadtest/results),
-# REDIS_PERSIST=1 to run Redis with appendonly everysec.
+# REDIS_PERSIST=1 to run Redis with appendonly everysec, BATCH=N to send
+# POST /v1/messages batches of N messages instead of one POST per message
+# (results then go to cluster-<rate>-batch<N>.*).
 # Loopback only; every process it starts is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,16 +47,20 @@ for i in 1 2 3; do
 done
 
 cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }   # clock ticks (1/100 s)
+BATCH=${BATCH:-1}
 for RATE in "$@"; do
+  name="cluster-$RATE"
+  [ "$BATCH" -gt 1 ] && name="cluster-$RATE-batch$BATCH"
   redis-cli -p "$REDIS_PORT" config resetstat >/dev/null
   before=()
   for p in "${pids[@]}" "$REDIS_PID"; do before+=("$(cpu "$p")"); done
   "$BENCH" direct --url ws://127.0.0.1:19101/ws,ws://127.0.0.1:19102/ws \
     --http-target http://127.0.0.1:19103 --sessions "$SESSIONS" --rate "$RATE" \
-    --duration "$DURATION" --max-in-flight 256 --json "$OUT/cluster-$RATE.json" >"$OUT/cluster-$RATE.txt" 2>&1
+    --duration "$DURATION" --max-in-flight 256 --batch "$BATCH" \
+    --json "$OUT/$name.json" >"$OUT/$name.txt" 2>&1
   after=()
   for p in "${pids[@]}" "$REDIS_PID"; do after+=("$(cpu "$p")"); done
-  delivered=$(python3 -c "import json;print(json.load(open('$OUT/cluster-$RATE.json'))['counts']['delivered'])")
+  delivered=$(python3 -c "import json;print(json.load(open('$OUT/$name.json'))['counts']['delivered'])")
   # Per delivered message, by command. EVALSHA is one APPEND script per
   # message (plus a few claims/renewals); the XADD count includes the XADD
   # inside each APPEND as well as the one to the owner's inbox.
@@ -63,8 +69,8 @@ for RATE in "$@"; do
     v=$(echo "$stats" | awk -F'[=,:]' -v c="cmdstat_$c" '$1==c {print $3}')
     python3 -c "print('$c', round(${v:-0}/max($delivered,1),2), end='  ')"
   done)
-  echo "== $RATE msg/s offered, $DURATION s"
-  grep -E "delivered_per_s| delivery |http_post |undelivered|post_err" "$OUT/cluster-$RATE.txt" || true
+  echo "== $RATE msg/s offered, $DURATION s, $BATCH per request"
+  grep -E "delivered_per_s| delivery |http_post |http_batch |undelivered|post_err" "$OUT/$name.txt" || true
   echo "  redis commands per delivered message: $per_msg"
   echo "  cpu % (pod-1 pod-2 pod-3/http redis): $(for k in 0 1 2 3; do printf '%s ' $(( (${after[$k]} - ${before[$k]}) / DURATION )); done)"
 done

@@ -25,6 +25,9 @@
 #   CONNECT_RATE=(unlimited) new connections/s over all bench processes: at
 #                 a million connections an unthrottled ramp starves the
 #                 2 cores, and pongs to the pods' heartbeats arrive late
+#   CONNECT_RETRIES=0 retries of a failed or timed-out handshake per
+#                 connection, with jittered exponential backoff (real
+#                 clients retry; at a million the slowest handshakes time out)
 #   HEARTBEAT_S=25 the pods' ping period: a million connections at 25 s is
 #                 40,000 pings and pongs a second, a real load on 2 cores
 #   RAMP_TIMEOUT=(C/1500+60) seconds the bench may take to open everything
@@ -215,7 +218,7 @@ setsid timeout -k 10 $((ramp_timeout + DURATION + 120)) "$BENCH_BIN" connect \
     --url "$url_list" --connections "$CONNECTIONS" --processes "$PROCESSES" \
     --source-ips "$SOURCE_IPS" "${server_pid_args[@]}" --duration "$DURATION" \
     --ramp-timeout "$ramp_timeout" --read-buffer "$READ_BUFFER" --write-buffer "$WRITE_BUFFER" \
-    ${CONNECT_RATE:+--connect-rate "$CONNECT_RATE"} \
+    ${CONNECT_RATE:+--connect-rate "$CONNECT_RATE"} --connect-retries "${CONNECT_RETRIES:-0}" \
     --json "$prefix-connect.json" >"$work/connect.out" 2>"$work/connect.err" &
 connect_pid=$!
 bench_pgids+=("$connect_pid")

@@ -242,6 +242,10 @@ struct CommonArgs {
     /// Longest time to open all connections, seconds.
     #[arg(long, default_value_t = 120.0)]
     ramp_timeout: f64,
+    /// Retries of a failed or timed-out handshake, with jittered
+    /// exponential backoff from 250 ms up to 8 s, as real clients do.
+    #[arg(long, default_value_t = 0)]
+    connect_retries: u32,
     /// Per-connection tungstenite read buffer, bytes (allocated eagerly).
     /// 1024 is wsfleet's default; frames larger than it still work.
     #[arg(long, default_value_t = 1024)]
@@ -292,6 +296,7 @@ impl CommonArgs {
             connect_rate: self.connect_rate,
             connect_concurrency: self.connect_concurrency,
             ramp_timeout_s: self.ramp_timeout,
+            connect_retries: self.connect_retries,
             run_id: self.run_id.clone().unwrap_or_else(new_run_id),
             server_pids: self.server_pids.clone(),
         })

@@ -60,6 +60,46 @@ async fn connect_holds_every_connection() {
     assert_eq!(back["counts"]["connected"], 50);
 }
 
+/// Handshakes refused because the server is not up yet are retried with
+/// backoff (`--connect-retries`) and succeed once it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_handshakes_are_retried_until_the_server_is_up() {
+    // A port that is free now and bound 600 ms later.
+    let addr = floor::bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind")
+        .local_addr()
+        .expect("local addr");
+    let url = format!("ws://{addr}/ws");
+    let mut c = Common::new(&[url.as_str()]).expect("loopback url");
+    c.duration_s = 0.3;
+    c.ramp_timeout_s = 20.0;
+    c.connect_retries = 6;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let late = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let listener = floor::bind(addr).expect("bind the late server");
+        floor::serve(listener, FloorConfig::default(), async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let report = connect::run(connect::Params {
+        common: c,
+        connections: 20,
+    })
+    .await
+    .expect("connect run");
+    assert_eq!(report.count("ready"), 20, "{}", report.human());
+    assert!(
+        report.count("connect_retried.refused") + report.count("connect_retried.io") >= 20,
+        "every connection was refused at least once: {}",
+        report.human()
+    );
+    assert_eq!(report.count("connect_failed.refused"), 0);
+    drop(stop);
+    let _ = late.await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_measures_round_trips() {
     let floor = start_floor();

@@ -363,6 +363,7 @@ impl Fleet {
             let setup = Setup {
                 global,
                 local,
+                retries: common.connect_retries,
                 session: common.session(global),
                 stats: self.stats.clone(),
                 dialer: self.dialer.clone(),
@@ -481,6 +482,8 @@ impl Fleet {
 struct Setup {
     global: usize,
     local: usize,
+    /// Tries left after the first (`--connect-retries`).
+    retries: u32,
     session: String,
     stats: Arc<Stats>,
     dialer: Arc<Dialer>,
@@ -491,12 +494,24 @@ impl Setup {
     /// Connects and reads the welcome; counts and times both.
     async fn open(self, permit: OwnedSemaphorePermit) -> Option<Conn> {
         let started = Instant::now();
-        let connected = self.dialer.connect(self.global, &self.session, None).await;
-        let mut ws = match connected {
-            Ok(ws) => ws,
-            Err(e) => {
-                self.stats.error("connect_failed", &e);
-                return None;
+        let mut backoff = Duration::from_millis(250);
+        let mut tries_left = self.retries;
+        let mut ws = loop {
+            match self.dialer.connect(self.global, &self.session, None).await {
+                Ok(ws) => break ws,
+                Err(e) if tries_left > 0 => {
+                    // A client that retries at once into a saturated server
+                    // makes it worse: back off, with jitter so retries spread.
+                    self.stats.error("connect_retried", &e);
+                    tries_left -= 1;
+                    let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 2);
+                    tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(8));
+                }
+                Err(e) => {
+                    self.stats.error("connect_failed", &e);
+                    return None;
+                }
             }
         };
         self.stats.record("handshake", started.elapsed());

@@ -59,6 +59,11 @@ pub struct Common {
     pub connect_concurrency: usize,
     /// Bound on the `Setup` phase.
     pub ramp_timeout_s: f64,
+    /// Times a failed or timed-out handshake is tried again, with jittered
+    /// exponential backoff (as real clients do), before the connection
+    /// counts as failed.
+    #[serde(default)]
+    pub connect_retries: u32,
     /// Prefix of every session id, so runs do not resume each other's sessions.
     pub run_id: String,
     /// Server processes whose RSS is reported (read from `/proc/<pid>/status`).
@@ -79,6 +84,7 @@ impl Common {
             connect_rate: None,
             connect_concurrency: 200,
             ramp_timeout_s: 120.0,
+            connect_retries: 0,
             run_id: new_run_id(),
             server_pids: Vec::new(),
         })

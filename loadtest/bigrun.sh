@@ -242,7 +242,13 @@ while :; do
         break
     fi
     kill -0 "$connect_pid" 2>/dev/null || die "bench connect ended early: $(tail -20 "$work/connect.err")"
-    ((SECONDS < up_deadline)) || die "only $(((inuse - base_inuse) / 2)) of $CONNECTIONS connections up in time"
+    if ((SECONDS >= up_deadline)); then
+        # Still growing (retries trickling in) at the deadline: measure what
+        # is up rather than lose the whole run.
+        ((inuse > base_inuse)) || die "no connections up in time"
+        echo "bigrun: ramp deadline with $(((inuse - base_inuse) / 2)) of $CONNECTIONS connections up; measuring those" >&2
+        break
+    fi
     sleep 1
 done
 ramp_seconds=$SECONDS

@@ -40,12 +40,7 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// scripts/helm-render.py's JSON; a failed render fails the test.
-fn helm_render(args: &[&str]) -> Value {
-    let (ok, out) = common::helm::render_script(args);
-    assert!(ok, "helm-render.py failed: {out}");
-    out
-}
+use common::helm::render as helm_render;
 
 fn yaml_docs(file: &str) -> Vec<Value> {
     helm_render(&["yaml", file])[file]
@@ -183,12 +178,7 @@ fn the_plain_manifest_carries_the_charts_rules() {
 fn the_chart_renders_no_rules_unless_asked_and_takes_extra_labels() {
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/helm/wsfleet");
     let off = helm_render(&["chart", chart, "{}"]);
-    assert!(
-        off.get("wsfleet/templates/prometheusrule.yaml")
-            .and_then(Value::as_array)
-            .is_none_or(|docs| docs.is_empty()),
-        "{off}"
-    );
+    common::helm::assert_renders_nothing(&off, "wsfleet/templates/prometheusrule.yaml");
     let on = helm_render(&[
         "chart",
         chart,

@@ -231,12 +231,7 @@ fn every_metric_a_panel_reads_is_documented() {
     }
 }
 
-/// scripts/helm-render.py's JSON; a failed render fails the test.
-fn helm_render(args: &[&str]) -> Value {
-    let (ok, out) = common::helm::render_script(args);
-    assert!(ok, "helm-render.py failed: {out}");
-    out
-}
+use common::helm::render as helm_render;
 
 const K8S_DASHBOARDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/k8s/grafana-dashboards.yaml");
 
@@ -315,12 +310,7 @@ fn the_plain_manifests_carry_the_charts_dashboards() {
 fn the_chart_ships_no_dashboards_unless_asked_and_takes_the_sidecars_label() {
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/helm/wsfleet");
     let off = helm_render(&["chart", chart, "{}"]);
-    assert!(
-        off.get("wsfleet/templates/dashboard-configmap.yaml")
-            .and_then(Value::as_array)
-            .is_none_or(|docs| docs.is_empty()),
-        "{off}"
-    );
+    common::helm::assert_renders_nothing(&off, "wsfleet/templates/dashboard-configmap.yaml");
     let on = helm_render(&[
         "chart",
         chart,

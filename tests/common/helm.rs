@@ -42,3 +42,21 @@ pub fn render_script(args: &[&str]) -> (bool, Value) {
     });
     (out.status.success(), value)
 }
+
+/// scripts/helm-render.py's JSON; a failed render fails the test.
+pub fn render(args: &[&str]) -> Value {
+    let (ok, out) = render_script(args);
+    assert!(ok, "helm-render.py failed: {out}");
+    out
+}
+
+/// Asserts that `template` of a chart rendering produced no document.
+pub fn assert_renders_nothing(rendered: &Value, template: &str) {
+    assert!(
+        rendered
+            .get(template)
+            .and_then(Value::as_array)
+            .is_none_or(|docs| docs.is_empty()),
+        "{template} rendered documents: {rendered}"
+    );
+}

@@ -393,6 +393,23 @@ async fn a_pod_paused_past_its_lease_fences_what_moved_and_keeps_the_rest() {
         .await;
     assert_eq!(status, 202);
     assert_eq!(newer.recv_json().await["data"], "to the newer one");
+    // The sweep deleted pod-a's session set; the check put back what it
+    // kept, so pod-a's death now still frees the session.
+    let mut a = a;
+    a.kill9().await;
+    drop(stayed);
+    eventually_within(
+        Duration::from_secs(15),
+        "the restored record is swept after the pod dies",
+        || async {
+            redis
+                .cli(&["exists", &owner_key("pause-stayed")])
+                .await
+                .trim()
+                == "0"
+        },
+    )
+    .await;
 }
 
 /// Sends SIGCONT when dropped, so a failing assertion never leaves a pod

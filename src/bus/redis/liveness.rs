@@ -197,12 +197,32 @@ impl RedisBus {
                     .await;
                 (session, *holder, reply)
             });
+            let mut kept = Vec::new();
             for (session, holder, reply) in join_all(checks).await {
                 let Some(renewal) = reply.ok().and_then(Renewal::from_reply) else {
                     complete = false;
                     continue;
                 };
+                if matches!(renewal, Renewal::Renewed | Renewal::Restored) {
+                    kept.push(session.as_str());
+                }
                 self.apply_renewal(session, holder, renewal);
+            }
+            // A sweep of this instance deleted its session set: put back
+            // what it still holds, or its next death would leave these
+            // records unswept.
+            if !kept.is_empty() {
+                let mut conn = self.conn.clone();
+                let added: Result<i64> = self
+                    .call(
+                        "sadd",
+                        redis::cmd("SADD")
+                            .arg(keys::instance_sessions(&self.inst))
+                            .arg(&kept)
+                            .query_async(&mut conn),
+                    )
+                    .await;
+                complete &= added.is_ok();
             }
         }
         complete
@@ -272,17 +292,20 @@ impl RedisBus {
         if lapsed.as_ref().is_ok_and(|l| *l == 1) && self.sweep_records(inst, &lock).await {
             let mut forget = scripts::FORGET_INSTANCE.prepare_invoke();
             forget.key(keys::INSTANCES).arg(inst);
-            let _ = self
-                .call::<i64>("forget_instance", forget.invoke_async(&mut conn))
+            let forgotten: Result<i64> = self
+                .call("forget_instance", forget.invoke_async(&mut conn))
                 .await;
-            let _ = self
-                .call::<i64>(
-                    "del",
-                    redis::cmd("DEL")
-                        .arg(keys::instance_sessions(inst))
-                        .query_async(&mut conn),
-                )
-                .await;
+            // An instance that came back meanwhile keeps its set.
+            if matches!(forgotten, Ok(1)) {
+                let _ = self
+                    .call::<i64>(
+                        "del",
+                        redis::cmd("DEL")
+                            .arg(keys::instance_sessions(inst))
+                            .query_async(&mut conn),
+                    )
+                    .await;
+            }
             self.bus_metrics
                 .ownership
                 .with_label_values(&["instance_swept"])

@@ -32,13 +32,9 @@ async fn orders(redis: &RedisServer) -> String {
     redis.cli(&["HGETALL", "wsf:ctl"]).await
 }
 
-async fn controller(
-    redis_url: &str,
-    mode: ScaleMode,
-    pods: Vec<&'static str>,
-    replicas: i32,
-) -> (Reconciler, FakeApi, ControllerMetrics) {
-    let settings = Settings {
+/// Immediate scaling and a rebalance policy that acts at once.
+fn settings(mode: ScaleMode) -> Settings {
+    Settings {
         mode,
         scale: common::kube_api::immediate_scaling(100),
         rebalance: Some(RebalancePolicy {
@@ -49,7 +45,16 @@ async fn controller(
         }),
         drain_timeout_ms: 10_000,
         order_latency_ms: 1_000,
-    };
+    }
+}
+
+async fn controller(
+    redis_url: &str,
+    mode: ScaleMode,
+    pods: Vec<&'static str>,
+    replicas: i32,
+) -> (Reconciler, FakeApi, ControllerMetrics) {
+    let settings = settings(mode);
     let pods = pods.into_iter().map(String::from).collect();
     common::kube_api::reconciler(redis_url, pods, settings, replicas).await
 }
@@ -187,18 +192,7 @@ async fn a_leader_whose_lease_ran_out_mid_tick_stops_before_writing() {
     let redis = RedisServer::start().await;
     report(&redis, "a", 900).await;
     report(&redis, "b", 0).await;
-    let settings = Settings {
-        mode: ScaleMode::Scale,
-        scale: common::kube_api::immediate_scaling(100),
-        rebalance: Some(RebalancePolicy {
-            tolerance: 0.1,
-            per_pod_per_s: 100,
-            fleet_fraction_per_min: 1.0,
-            interval_ms: 1_000,
-        }),
-        drain_timeout_ms: 10_000,
-        order_latency_ms: 1_000,
-    };
+    let settings = settings(ScaleMode::Scale);
     // A 300 ms lease: this replica may act for 200 ms after winning it.
     let (mut ctl, api, metrics) = common::kube_api::reconciler_with_lease(
         &redis.url(),

@@ -491,3 +491,21 @@ async fn a_batch_answers_each_message_on_its_own_in_order() {
         1.0
     );
 }
+
+/// The batch endpoint sits behind the same API key as the other `/v1/*` routes.
+#[tokio::test]
+async fn a_batch_needs_the_api_key_when_one_is_set() {
+    let server = Server::start(&["--api-key", "batch-secret"]).await;
+    let url = server.http("/v1/messages");
+    let body = json!({"messages": [{"session": "k1", "data": 1}]});
+    let (status, answer) = common::post_json(&url, body.clone(), &[]).await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (401, Some("unauthorized")),
+        "{answer}"
+    );
+    let (status, answer) =
+        common::post_json(&url, body, &[("Authorization", "Bearer batch-secret")]).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["results"][0]["offset"].is_string(), "{answer}");
+}

@@ -10,7 +10,11 @@
 # Env: DURATION (s, default 10), SESSIONS (1000), OUT (loadtest/results),
 # REDIS_PERSIST=1 to run Redis with appendonly everysec, BATCH=N to send
 # POST /v1/messages batches of N messages instead of one POST per message
-# (results then go to cluster-<rate>-batch<N>.*).
+# (results then go to cluster-<rate>-batch<N>.*). WSFLEET=/path and
+# BENCH=/path run other builds (NO_BUILD=1 skips the build), e.g. to compare
+# two commits; TRACES=1 turns OpenTelemetry on in the pods, exporting to a
+# sink on 127.0.0.1:4318 that accepts and drops every span (docs/tracing.md);
+# TAG=x adds -x to the result names.
 # Loopback only; every process it starts is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,17 +23,37 @@ SESSIONS=${SESSIONS:-1000}
 OUT=${OUT:-loadtest/results}
 REDIS_PORT=${REDIS_PORT:-16500}
 mkdir -p "$OUT"
-cargo build --release -q -p wsfleet -p wsfleet-bench
-WSFLEET=target/release/wsfleet
-BENCH=target/release/wsfleet-bench
+[ -n "${NO_BUILD:-}" ] || cargo build --release -q -p wsfleet -p wsfleet-bench
+WSFLEET=${WSFLEET:-target/release/wsfleet}
+BENCH=${BENCH:-target/release/wsfleet-bench}
 DIR=$(mktemp -d)
 pids=()
+pods=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
   rm -rf "$DIR"
 }
 trap cleanup EXIT
+
+if [ "${TRACES:-0}" = 1 ]; then
+  # An OTLP/HTTP endpoint that reads each export and answers 200.
+  python3 - <<'PY' &
+import http.server
+class Sink(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", 4318), Sink).serve_forever()
+PY
+  pids+=($!)
+  export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318
+  sleep 0.5
+fi
 
 persist=(--appendonly no)
 [ "${REDIS_PERSIST:-0}" = 1 ] && persist=(--appendonly yes --appendfsync everysec)
@@ -41,6 +65,7 @@ for i in 1 2 3; do
   "$WSFLEET" serve --listen "127.0.0.1:1910$i" --pod-name "pod-$i" \
     --redis-url "redis://127.0.0.1:$REDIS_PORT" >"$DIR/pod-$i.log" 2>&1 &
   pids+=($!)
+  pods+=($!)
 done
 for i in 1 2 3; do
   for _ in $(seq 50); do curl -sf "127.0.0.1:1910$i/readyz" >/dev/null && break; sleep 0.1; done
@@ -51,15 +76,16 @@ BATCH=${BATCH:-1}
 for RATE in "$@"; do
   name="cluster-$RATE"
   [ "$BATCH" -gt 1 ] && name="cluster-$RATE-batch$BATCH"
+  [ -n "${TAG:-}" ] && name="$name-$TAG"
   redis-cli -p "$REDIS_PORT" config resetstat >/dev/null
   before=()
-  for p in "${pids[@]}" "$REDIS_PID"; do before+=("$(cpu "$p")"); done
+  for p in "${pods[@]}" "$REDIS_PID"; do before+=("$(cpu "$p")"); done
   "$BENCH" direct --url ws://127.0.0.1:19101/ws,ws://127.0.0.1:19102/ws \
     --http-target http://127.0.0.1:19103 --sessions "$SESSIONS" --rate "$RATE" \
     --duration "$DURATION" --max-in-flight 256 --batch "$BATCH" \
     --json "$OUT/$name.json" >"$OUT/$name.txt" 2>&1
   after=()
-  for p in "${pids[@]}" "$REDIS_PID"; do after+=("$(cpu "$p")"); done
+  for p in "${pods[@]}" "$REDIS_PID"; do after+=("$(cpu "$p")"); done
   delivered=$(python3 -c "import json;print(json.load(open('$OUT/$name.json'))['counts']['delivered'])")
   # Per delivered message, by command. EVALSHA is one APPEND script per
   # message (plus a few claims/renewals); the XADD count includes the XADD
@@ -73,4 +99,6 @@ for RATE in "$@"; do
   grep -E "delivered_per_s| delivery |http_post |http_batch |undelivered|post_err" "$OUT/$name.txt" || true
   echo "  redis commands per delivered message: $per_msg"
   echo "  cpu % (pod-1 pod-2 pod-3/http redis): $(for k in 0 1 2 3; do printf '%s ' $(( (${after[$k]} - ${before[$k]}) / DURATION )); done)"
+  # One clock tick is 10 ms of CPU.
+  echo "  cpu us per delivered message (pod-1 pod-2 pod-3/http redis): $(for k in 0 1 2 3; do printf '%s ' $(( (${after[$k]} - ${before[$k]}) * 10000 / (delivered > 0 ? delivered : 1) )); done)"
 done

@@ -10,14 +10,15 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(config) => {
-            logging::init(config.log_format);
+            let telemetry = logging::init(config.log_format);
             let gateway = Gateway::bind(*config)
                 .await
                 .context("starting wsfleet serve")?;
             gateway.run(shutdown_signal()).await;
+            telemetry.shutdown();
         }
         Command::Controller(config) => {
-            logging::init(config.log_format);
+            let telemetry = logging::init(config.log_format);
             config.validate().context("wsfleet controller")?;
             let client = kube::Client::try_default()
                 .await
@@ -41,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
             controller::run(*config, client, std::sync::Arc::new(pods), shutdown)
                 .await
                 .context("running wsfleet controller")?;
+            telemetry.shutdown();
         }
     }
     Ok(())

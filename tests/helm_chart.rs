@@ -206,3 +206,67 @@ fn an_api_key_secret_is_generated_when_none_is_given() {
     );
     assert_eq!(api_key["valueFrom"]["secretKeyRef"]["key"], "api-key");
 }
+
+/// The container env of the Deployment whose name ends with `suffix`, by name.
+fn env_of(objects: &[Value], suffix: &str) -> std::collections::BTreeMap<String, Value> {
+    find(objects, "Deployment", suffix)["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|e| (e["name"].as_str().expect("name").to_string(), e.clone()))
+        .collect()
+}
+
+#[test]
+fn tracing_is_off_by_default_and_one_value_turns_it_on_for_both_deployments() {
+    let off = render(controller_values());
+    for suffix in ["wsfleet", "-controller"] {
+        let env = env_of(&off, suffix);
+        assert!(
+            !env.keys().any(|k| k.starts_with("OTEL_")),
+            "{suffix}: no OTEL_* by default: {:?}",
+            env.keys()
+        );
+    }
+    let mut values = controller_values();
+    values["tracing"] = json!({
+        "otlpEndpoint": "http://otel-collector.observability:4318",
+        "samplerArg": 0.25,
+        "resourceAttributes": "deployment.environment=prod",
+    });
+    let on = render(values);
+    for (suffix, service) in [
+        ("wsfleet", "wsfleet"),
+        ("-controller", "wsfleet-controller"),
+    ] {
+        let env = env_of(&on, suffix);
+        let value = |k: &str| {
+            env.get(k)
+                .map(|e| e["value"].clone())
+                .unwrap_or(Value::Null)
+        };
+        assert_eq!(
+            value("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            "http://otel-collector.observability:4318"
+        );
+        assert_eq!(value("OTEL_SERVICE_NAME"), service);
+        assert_eq!(value("OTEL_TRACES_SAMPLER"), "parentbased_traceidratio");
+        assert_eq!(value("OTEL_TRACES_SAMPLER_ARG"), "0.25");
+        assert_eq!(
+            value("OTEL_RESOURCE_ATTRIBUTES"),
+            "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),deployment.environment=prod"
+        );
+        // $(VAR) expands only for variables defined earlier in the list.
+        let names: Vec<&String> =
+            find(&on, "Deployment", suffix)["spec"]["template"]["spec"]["containers"][0]["env"]
+                .as_array()
+                .expect("env")
+                .iter()
+                .map(|e| e["name"].as_str().expect("name"))
+                .map(|n| env.keys().find(|k| k.as_str() == n).expect("known"))
+                .collect();
+        let at = |n: &str| names.iter().position(|k| k.as_str() == n).expect(n);
+        assert!(at("POD_NAME") < at("OTEL_RESOURCE_ATTRIBUTES"));
+        assert!(at("POD_NAMESPACE") < at("OTEL_RESOURCE_ATTRIBUTES"));
+    }
+}

@@ -50,6 +50,7 @@ impl Log {
         &mut self,
         now_ms: u64,
         channel: Option<&ChannelName>,
+        trace: Option<Box<str>>,
         render: impl FnOnce(Offset) -> String,
     ) -> Arc<Delivery> {
         let offset = Offset::next_after(self.head, now_ms);
@@ -64,6 +65,7 @@ impl Log {
             channel: channel.cloned(),
             frame: Utf8Bytes::from(frame),
             accepted_ms: now_ms,
+            trace,
             resync: false,
         });
         self.head = Some(offset);
@@ -142,7 +144,7 @@ mod tests {
     fn log_at(times: &[u64]) -> Log {
         let mut log = Log::default();
         for &t in times {
-            log.append(t, None, |o| o.to_string());
+            log.append(t, None, None, |o| o.to_string());
         }
         log
     }
@@ -192,7 +194,7 @@ mod tests {
             max_age_ms: 1000,
         };
         for t in 1..=4 {
-            log.append(t, None, |_| "x".repeat(100));
+            log.append(t, None, None, |_| "x".repeat(100));
         }
         let one = entry_cost(100);
         assert_eq!(log.bytes(), 4 * one);
@@ -236,7 +238,7 @@ mod tests {
         let mut log = log_at(&[7, 7]);
         log.trim(KEEP_3_FOR_1S, usize::MAX, 5000);
         assert!(log.is_empty());
-        let next = log.append(7, None, |o| o.to_string());
+        let next = log.append(7, None, None, |o| o.to_string());
         assert_eq!(next.offset.to_string(), "7-2");
         assert_eq!(next.prev.map(|o| o.to_string()).as_deref(), Some("7-1"));
     }

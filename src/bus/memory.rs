@@ -30,7 +30,7 @@ use super::{
 use crate::pod::{LocalPod, PodStatus};
 use crate::protocol::close::CloseReason;
 use crate::protocol::{ChannelName, Offset, SessionId, frame};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, otel};
 
 /// The longest idempotency key accepted (HTTP 400 beyond).
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
@@ -473,6 +473,10 @@ impl Bus for MemoryBus {
     }
 
     async fn send_to_session(&self, session: &SessionId, msg: Outgoing<'_>) -> Result<Offset> {
+        // Embedded: append and route are one step, one span; the socket
+        // write of the owner joins it through the delivery's trace.
+        let span = tracing::info_span!(target: otel::TARGET, "append", session = %session, log = "session");
+        let _entered = span.enter();
         let mut state = self.sessions.entry(session.clone()).or_default();
         // Read under the entry's lock, so that appends to one log see the
         // clock in order and an entry's offsets all trail the clock.
@@ -503,9 +507,12 @@ impl Bus for MemoryBus {
             tracing::debug!(%session, "message refused: --max-retained-bytes reached");
             return Err(full);
         }
-        let delivery = state.log.append(now, None, |offset| {
-            frame::session_message(offset, from, msg.data)
-        });
+        let delivery = state.log.append(
+            now,
+            None,
+            otel::traceparent(&span).map(Into::into),
+            |offset| frame::session_message(offset, from, msg.data),
+        );
         let trimmed = state.log.trim(self.retention, self.max_log_bytes, now);
         if let Some(key) = msg.idempotency_key {
             let expires = now + self.retention.max_age_ms;
@@ -531,6 +538,8 @@ impl Bus for MemoryBus {
     }
 
     async fn publish(&self, channel: &ChannelName, msg: Outgoing<'_>) -> Result<Offset> {
+        let span = tracing::info_span!(target: otel::TARGET, "append", channel = %channel, log = "channel", subscribers = tracing::field::Empty);
+        let _entered = span.enter();
         let mut state = self.channels.entry(channel.clone()).or_default();
         // Read under the entry's lock, so that appends to one log see the
         // clock in order and an entry's offsets all trail the clock.
@@ -559,7 +568,7 @@ impl Bus for MemoryBus {
             tracing::debug!(%channel, "publish refused: --max-retained-bytes reached");
             return Err(full);
         }
-        let delivery: Arc<Delivery> = state.log.append(now, Some(channel), |offset| {
+        let delivery: Arc<Delivery> = state.log.append(now, Some(channel), None, |offset| {
             frame::channel_message(channel, offset, msg.data)
         });
         let trimmed = state.log.trim(self.retention, self.max_log_bytes, now);
@@ -571,6 +580,7 @@ impl Bus for MemoryBus {
                 .insert(key, delivery.offset, expires, now, cap);
         }
         let mut offers = Vec::new();
+        span.record("subscribers", state.subscribers.len());
         state.subscribers.retain(|m| {
             let offer = m.offer(&delivery);
             offers.push(offer);

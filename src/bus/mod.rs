@@ -48,6 +48,11 @@ pub struct Delivery {
     pub frame: Utf8Bytes,
     /// When it was accepted, for the delivery latency histogram.
     pub accepted_ms: u64,
+    /// The W3C `traceparent` of the span that stored or routed it, when
+    /// traces are on, so the socket write on the owning pod joins the
+    /// sender's trace. `None` for channel messages: one message written to
+    /// thousands of sockets links its fan-out spans instead.
+    pub trace: Option<Box<str>>,
     /// Not a message: the bus may have dropped deliveries on their way
     /// (e.g. Redis lost its routing state), so the connection should read
     /// the log after its cursor.
@@ -63,6 +68,7 @@ impl Delivery {
             channel,
             frame: Utf8Bytes::from_static(""),
             accepted_ms: 0,
+            trace: None,
             resync: true,
         }
     }

@@ -107,7 +107,9 @@ impl Reconciler {
 
     /// One tick. Errors are counted by stage and end the tick; the next
     /// tick starts from a fresh read.
-    #[tracing::instrument(level = "debug", skip_all)]
+    /// Exported as a trace span (`reconcile`); its decisions (scaled up,
+    /// draining victims, rebalancing) are events inside it.
+    #[tracing::instrument(target = "wsfleet_trace", name = "reconcile", skip_all, fields(leading = tracing::field::Empty, pods = tracing::field::Empty, error = tracing::field::Empty))]
     pub async fn tick(&mut self) -> Result<(), Error> {
         let timer = self.metrics.reconcile_duration.start_timer();
         let result = self.reconcile().await;
@@ -117,6 +119,7 @@ impl Reconciler {
                 .reconcile_errors
                 .with_label_values(&[e.stage()])
                 .inc();
+            tracing::Span::current().record("error", e.stage());
             tracing::warn!(error = %e, "reconcile failed");
         }
         result
@@ -130,7 +133,9 @@ impl Reconciler {
             self.scale_down = None;
         }
         self.metrics.leader.set(leading as i64);
+        tracing::Span::current().record("leading", leading);
         let pods = self.pods.current().ok_or(Error::PodsNotSynced)?;
+        tracing::Span::current().record("pods", pods.len());
         let reports = self.registry.reports().await.map_err(Error::Redis)?;
         let now = now_ms();
         self.in_flight.retain(|_, until| *until > now);

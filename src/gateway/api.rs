@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 use time::format_description::well_known::Rfc3339;
+use tracing::Instrument;
 
 use super::AppState;
 use super::error::ApiError;
@@ -22,6 +23,7 @@ use crate::auth::api_key_matches;
 use crate::bus::Outgoing;
 use crate::bus::memory::MAX_IDEMPOTENCY_KEY_LEN;
 use crate::protocol::{ChannelName, ErrorCode, SessionId};
+use crate::telemetry::otel;
 
 /// Who may call `/v1/*`, decided from the config, the socket's peer and
 /// the presented key alone (no I/O, so every case has a table test).
@@ -198,13 +200,25 @@ pub(super) fn finish(
     response
 }
 
-#[tracing::instrument(skip_all, fields(session = %session))]
+/// The caller's W3C trace context, honoured as the parent of the request's span.
+pub(super) fn caller_trace(headers: &HeaderMap) -> Option<&str> {
+    headers.get("traceparent").and_then(|v| v.to_str().ok())
+}
+
+/// Ends a traced request: records its status on the span.
+pub(super) fn traced(span: &tracing::Span, response: Response) -> Response {
+    span.record("http.response.status_code", response.status().as_u16());
+    response
+}
+
 pub async fn send_to_session(
     State(state): State<Arc<AppState>>,
     Path(session): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let span = tracing::info_span!(target: otel::TARGET, "http.send", session = %session, otel.kind = "server", http.response.status_code = tracing::field::Empty);
+    otel::follow(&span, caller_trace(&headers));
     let result = async {
         let session = session_id(&session)?;
         let bytes = body_bytes(body)?;
@@ -218,17 +232,19 @@ pub async fn send_to_session(
         let offset = state.bus.send_to_session(&session, msg).await?;
         Ok((StatusCode::ACCEPTED, Json(json!({"offset": offset}))).into_response())
     }
+    .instrument(span.clone())
     .await;
-    finish(&state, "send_to_session", result)
+    traced(&span, finish(&state, "send_to_session", result))
 }
 
-#[tracing::instrument(skip_all, fields(channel = %channel))]
 pub async fn publish(
     State(state): State<Arc<AppState>>,
     Path(channel): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let span = tracing::info_span!(target: otel::TARGET, "http.publish", channel = %channel, otel.kind = "server", http.response.status_code = tracing::field::Empty);
+    otel::follow(&span, caller_trace(&headers));
     let result = async {
         let channel =
             ChannelName::parse(&channel).map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -243,8 +259,9 @@ pub async fn publish(
         let offset = state.bus.publish(&channel, msg).await?;
         Ok((StatusCode::ACCEPTED, Json(json!({"offset": offset}))).into_response())
     }
+    .instrument(span.clone())
     .await;
-    finish(&state, "publish", result)
+    traced(&span, finish(&state, "publish", result))
 }
 
 fn not_connected(session: &SessionId) -> ApiError {

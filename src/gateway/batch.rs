@@ -24,7 +24,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -33,10 +33,12 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::api::{body_bytes, finish, parse_idempotency_key};
+use super::api::{body_bytes, caller_trace, finish, parse_idempotency_key, traced};
 use super::error::ApiError;
 use crate::bus::{Bus, Outgoing};
 use crate::protocol::{ChannelName, ErrorCode, Offset, SessionId};
+use crate::telemetry::otel;
+use tracing::Instrument;
 
 /// Targets appended at once; beyond it the rest wait their turn.
 const TARGETS_IN_FLIGHT: usize = 64;
@@ -237,11 +239,13 @@ pub async fn append_all(
         .collect()
 }
 
-#[tracing::instrument(skip_all, fields(messages))]
 pub async fn send_batch(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let span = tracing::info_span!(target: otel::TARGET, "http.batch", otel.kind = "server", messages = tracing::field::Empty, http.response.status_code = tracing::field::Empty);
+    otel::follow(&span, caller_trace(&headers));
     let result = async {
         let bytes = body_bytes(body)?;
         let items = parse_batch(
@@ -268,8 +272,9 @@ pub async fn send_batch(
         counted.with_label_values(&["refused"]).inc_by(refused);
         Ok((StatusCode::OK, Json(json!({"results": results}))).into_response())
     }
+    .instrument(span.clone())
     .await;
-    finish(&state, "send_batch", result)
+    traced(&span, finish(&state, "send_batch", result))
 }
 
 #[cfg(test)]

@@ -36,6 +36,7 @@ use crate::protocol::close::{self, CloseReason};
 use crate::protocol::{
     ChannelName, ClientFrame, ErrorCode, Offset, Request, SessionId, frame, parse_client_frame,
 };
+use crate::telemetry::otel;
 use crate::upstream::EventKind;
 
 /// What the connection task reads from and writes to: axum's `WebSocket`
@@ -208,7 +209,8 @@ impl Connection {
     ) -> End {
         // The opening is boxed: its locals (the replay) need not live in the
         // connection's future for the rest of its life.
-        if let Err(end) = Box::pin(self.open(socket, mailbox)).await {
+        let span = tracing::info_span!(target: otel::TARGET, "ws.connect", session = %self.session, resume = self.last.is_some());
+        if let Err(end) = Box::pin(self.open(socket, mailbox).instrument(span)).await {
             return end;
         }
         self.live(socket, mailbox, inbox).await
@@ -266,11 +268,17 @@ impl Connection {
             "connected"
         );
         self.emit(EventKind::Connect, None).await;
-        for delivery in &replay.entries {
-            self.deliver(socket, mailbox, delivery, false)
-                .await
-                .map_err(gone)?;
+        let span = tracing::info_span!(target: otel::TARGET, "replay", session = %self.session, entries = replay.entries.len(), gap = replay.gap);
+        async {
+            for delivery in &replay.entries {
+                self.deliver(socket, mailbox, delivery, false)
+                    .await
+                    .map_err(gone)?;
+            }
+            Ok(())
         }
+        .instrument(span)
+        .await?;
         // ...then go live.
         Ok(())
     }
@@ -466,7 +474,11 @@ impl Connection {
                 return self.write(socket, "pong", reply.into()).await.map_err(gone);
             }
             ClientFrame::Subscribe { channel, since } => {
-                return self.subscribe(socket, mailbox, id, channel, since).await;
+                let span = tracing::info_span!(target: otel::TARGET, "ws.subscribe", session = %self.session, channel = %channel, since = since.is_some());
+                return self
+                    .subscribe(socket, mailbox, id, channel, since)
+                    .instrument(span)
+                    .await;
             }
             ClientFrame::Unsubscribe { channel } => {
                 if self.order.unsubscribe(&channel) {
@@ -475,6 +487,7 @@ impl Connection {
                 Ok(None)
             }
             ClientFrame::Publish { channel, data } => {
+                let span = tracing::info_span!(target: otel::TARGET, "ws.publish", session = %self.session, channel = %channel);
                 if !self.grant.may_use(&channel) {
                     Err((
                         ErrorCode::Forbidden,
@@ -487,18 +500,21 @@ impl Connection {
                         idempotency_key: None,
                     };
                     bus.publish(&channel, msg)
+                        .instrument(span)
                         .await
                         .map(Some)
                         .map_err(|e| (e.code(), e.to_string()))
                 }
             }
             ClientFrame::Send { session, data } => {
+                let span = tracing::info_span!(target: otel::TARGET, "ws.send", from = %self.session, session = %session);
                 let msg = Outgoing {
                     data: &data,
                     from: Some(&self.session),
                     idempotency_key: None,
                 };
                 bus.send_to_session(&session, msg)
+                    .instrument(span)
                     .await
                     .map(Some)
                     .map_err(|e| (e.code(), e.to_string()))
@@ -834,7 +850,18 @@ impl Connection {
         delivery: &Delivery,
         live: bool,
     ) -> Result<(), Gone> {
+        // Only a message that carries its sender's trace gets a span: with
+        // traces off none does, and channel messages link at the fan-out.
+        let span = match delivery.trace.as_deref() {
+            Some(trace) => {
+                let span = tracing::info_span!(target: otel::TARGET, "deliver", session = %self.session, offset = %delivery.offset, live);
+                otel::follow(&span, Some(trace));
+                span
+            }
+            None => tracing::Span::none(),
+        };
         self.write(socket, "message", delivery.frame.clone())
+            .instrument(span)
             .await?;
         let metrics = &self.state.metrics;
         let kind = if delivery.channel.is_some() {

@@ -498,7 +498,17 @@ pub struct Pod {
 impl Pod {
     /// Starts a pod and waits until `/healthz` answers and `/readyz` is 200.
     pub async fn start(name: &str, redis_url: &str, extra: &[&str]) -> Pod {
-        let pod = Self::spawn(name, redis_url, extra).await;
+        Self::start_with_env(name, redis_url, extra, &[]).await
+    }
+
+    /// [`Pod::start`] with extra environment variables for the process.
+    pub async fn start_with_env(
+        name: &str,
+        redis_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Pod {
+        let pod = Self::spawn_with_env(name, redis_url, extra, env).await;
         let ready = pod.http("/readyz");
         let deadline = tokio::time::Instant::now() + PROCESS_PATIENCE;
         loop {
@@ -518,9 +528,18 @@ impl Pod {
 
     /// Starts a pod and waits only for `/healthz` (it may not be ready).
     pub async fn spawn(name: &str, redis_url: &str, extra: &[&str]) -> Pod {
+        Self::spawn_with_env(name, redis_url, extra, &[]).await
+    }
+
+    async fn spawn_with_env(
+        name: &str,
+        redis_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Pod {
         let mut last_error = String::new();
         for _ in 0..3 {
-            match Self::try_spawn(name, redis_url, extra).await {
+            match Self::try_spawn(name, redis_url, extra, env).await {
                 Ok(pod) => return pod,
                 Err(e) => last_error = e,
             }
@@ -528,7 +547,12 @@ impl Pod {
         panic!("cannot start pod {name}: {last_error}");
     }
 
-    async fn try_spawn(name: &str, redis_url: &str, extra: &[&str]) -> Result<Pod, String> {
+    async fn try_spawn(
+        name: &str,
+        redis_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Pod, String> {
         let dir = TempDir::new(&format!("pod-{name}"));
         let log = dir.path().join("wsfleet.log");
         let addr = format!("127.0.0.1:{}", free_port());
@@ -553,6 +577,7 @@ impl Pod {
                 std::env::var("RUST_LOG").unwrap_or("info".into()),
             )
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .env_remove("WSFLEET_REDIS_URL")
             .env_remove("WSFLEET_POD_NAME")
             .stdin(Stdio::null())

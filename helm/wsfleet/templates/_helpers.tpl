@@ -267,3 +267,24 @@ Refuse combinations that would deploy a broken fleet.
 {{- print "public.pem" }}
 {{- end }}
 {{- end }}
+
+{{/*
+OTEL_* variables of a container (gateway or controller) when tracing is on.
+Needs POD_NAME and POD_NAMESPACE defined before it in the container's env.
+Call with (dict "ctx" . "service" "<service name>").
+*/}}
+{{- define "wsfleet.otelEnv" -}}
+{{- $t := .ctx.Values.tracing -}}
+{{- if $t.otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $t.otlpEndpoint | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ .service | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ $t.sampler | quote }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ $t.samplerArg | toString | quote }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ printf "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE)%s" (ternary (printf ",%s" $t.resourceAttributes) "" (ne $t.resourceAttributes "")) | quote }}
+{{- end }}
+{{- end }}

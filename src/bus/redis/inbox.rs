@@ -18,10 +18,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{RedisBus, keys, parse_offset};
+use super::{RedisBus, Stored, keys, parse_offset};
 use crate::bus::Delivery;
 use crate::protocol::close::CloseReason;
 use crate::protocol::{ChannelName, Offset, SessionId};
+use crate::telemetry::otel;
 
 /// How long one XREADGROUP blocks waiting for entries.
 const BLOCK: Duration = Duration::from_millis(1000);
@@ -311,29 +312,34 @@ fn dispatch(bus: &RedisBus, entries: &[Entry]) {
                     let Ok(session) = SessionId::parse(name) else {
                         continue;
                     };
-                    if let Some(d) = bus.delivery(
-                        None,
+                    let stored = Stored {
                         offset,
                         prev,
-                        field(fields, "d"),
-                        field(fields, "f"),
-                        accepted,
-                    ) {
+                        data: field(fields, "d"),
+                        from: field(fields, "f"),
+                        accepted_ms: accepted,
+                        trace: field(fields, "tp"),
+                    };
+                    if let Some(d) = bus.delivery(None, stored) {
                         bus.deliver_local_session(&session, &d);
                     }
                 } else {
                     let Ok(channel) = ChannelName::parse(name) else {
                         continue;
                     };
-                    if let Some(d) = bus.delivery(
-                        Some(&channel),
+                    let stored = Stored {
                         offset,
                         prev,
-                        field(fields, "d"),
-                        "",
-                        accepted,
-                    ) {
-                        bus.deliver_channel(&channel, &d);
+                        data: field(fields, "d"),
+                        from: "",
+                        accepted_ms: accepted,
+                        trace: "",
+                    };
+                    if let Some(d) = bus.delivery(Some(&channel), stored) {
+                        let span =
+                            tracing::info_span!(target: otel::TARGET, "fanout", channel = %channel);
+                        otel::link(&span, Some(field(fields, "tp")));
+                        span.in_scope(|| bus.deliver_channel(&channel, &d));
                     }
                 }
             }

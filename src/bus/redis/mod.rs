@@ -62,6 +62,7 @@ use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 pub use conn::Target;
 use conn::{BusMetrics, Conn, Effect};
@@ -79,7 +80,7 @@ use super::{
 use crate::pod::{LocalPod, PodStatus};
 use crate::protocol::close::CloseReason;
 use crate::protocol::{ChannelName, Offset, SessionId, frame};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, otel};
 
 /// Entries an inbox keeps at most (approximately): a backstop for a pod
 /// that stopped reading. A live pod drops its own backlog long before this
@@ -152,6 +153,27 @@ pub struct RedisBus {
     /// Repair hints owed to other pods whose inbox could not be written.
     hints: HintQueue,
     repair_metrics: RepairMetrics,
+}
+
+/// The keys of the log a message is appended to (see APPEND).
+struct LogTarget<'a> {
+    log: &'a str,
+    head: &'a str,
+    /// Session: the owner hash; channel: the pods sorted set.
+    route: &'a str,
+    /// 's' session, 'c' channel.
+    kind: &'static str,
+}
+
+/// A message's fields as a log or inbox entry stores them ('' for absent).
+struct Stored<'a> {
+    offset: Offset,
+    prev: Option<Offset>,
+    data: &'a str,
+    from: &'a str,
+    accepted_ms: u64,
+    /// W3C traceparent of the span that stored or routed it.
+    trace: &'a str,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BusError {
@@ -302,13 +324,17 @@ impl RedisBus {
     /// or `None` for the targets of a duplicate (already routed once).
     async fn append(
         &self,
-        log: &str,
-        head: &str,
+        target: LogTarget<'_>,
         idempotency: Option<String>,
-        route: &str,
-        kind: &str,
         msg: &Outgoing<'_>,
+        trace: Option<&str>,
     ) -> Result<(Offset, Option<Offset>, Option<Vec<String>>)> {
+        let LogTarget {
+            log,
+            head,
+            route,
+            kind,
+        } = target;
         let mut conn = self.conn.clone();
         let mut invocation = scripts::APPEND.prepare_invoke();
         invocation
@@ -322,7 +348,8 @@ impl RedisBus {
             .arg(self.retention_ms())
             .arg(if idempotency.is_some() { "1" } else { "0" })
             .arg(kind)
-            .arg(now_ms());
+            .arg(now_ms())
+            .arg(trace.unwrap_or(""));
         let (id, prev, duplicate, targets): (String, String, i64, Vec<String>) = self
             .call_with("append", Effect::Append, invocation.invoke_async(&mut conn))
             .await?;
@@ -406,15 +433,15 @@ impl RedisBus {
     }
 
     /// Builds a delivery from stored fields.
-    fn delivery(
-        &self,
-        channel: Option<&ChannelName>,
-        offset: Offset,
-        prev: Option<Offset>,
-        data: &str,
-        from: &str,
-        accepted_ms: u64,
-    ) -> Option<Arc<Delivery>> {
+    fn delivery(&self, channel: Option<&ChannelName>, stored: Stored<'_>) -> Option<Arc<Delivery>> {
+        let Stored {
+            offset,
+            prev,
+            data,
+            from,
+            accepted_ms,
+            trace,
+        } = stored;
         let data: &RawValue = match serde_json::from_str(data) {
             Ok(d) => d,
             Err(e) => {
@@ -432,6 +459,7 @@ impl RedisBus {
             channel: channel.cloned(),
             frame: frame.into(),
             accepted_ms,
+            trace: (channel.is_none() && !trace.is_empty()).then(|| trace.into()),
             resync: false,
         }))
     }
@@ -478,8 +506,16 @@ impl RedisBus {
                 first_prev = Some(prev);
             }
             let accepted = field("t").parse().unwrap_or(0);
-            if let Some(d) = self.delivery(channel, offset, prev, field("d"), field("f"), accepted)
-            {
+            let (data, from) = (field("d"), field("f"));
+            let stored = Stored {
+                offset,
+                prev,
+                data,
+                from,
+                accepted_ms: accepted,
+                trace: field("tp"),
+            };
+            if let Some(d) = self.delivery(channel, stored) {
                 out.push(d);
             }
         }
@@ -555,14 +591,26 @@ impl Bus for RedisBus {
         self.release_session(session, claim).await
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(%session))]
     async fn send_to_session(&self, session: &SessionId, msg: Outgoing<'_>) -> Result<Offset> {
         let keys = SessionKeys::new(session);
         let idem = msg
             .idempotency_key
             .map(|k| SessionKeys::idempotency(session, k));
+        let span = tracing::info_span!(target: otel::TARGET, "append", session = %session, log = "session");
+        let trace = otel::traceparent(&span);
         let (offset, prev, targets) = self
-            .append(&keys.log, &keys.head, idem, &keys.owner, "s", &msg)
+            .append(
+                LogTarget {
+                    log: &keys.log,
+                    head: &keys.head,
+                    route: &keys.owner,
+                    kind: "s",
+                },
+                idem,
+                &msg,
+                trace.as_deref(),
+            )
+            .instrument(span)
             .await?;
         self.metrics
             .messages_accepted
@@ -577,10 +625,25 @@ impl Bus for RedisBus {
         let accepted = now_ms();
         if *pod == self.pod.name && *inst == self.inst {
             let from = msg.from.map(|s| s.as_str()).unwrap_or("");
-            if let Some(d) = self.delivery(None, offset, prev, msg.data.get(), from, accepted) {
+            let trace = trace.as_deref().unwrap_or("");
+            if let Some(d) = self.delivery(
+                None,
+                Stored {
+                    offset,
+                    prev,
+                    data: msg.data.get(),
+                    from,
+                    accepted_ms: accepted,
+                    trace,
+                },
+            ) {
                 self.deliver_local_session(session, &d);
             }
         } else {
+            // The owner's socket write becomes a child of this hop.
+            let span =
+                tracing::info_span!(target: otel::TARGET, "route", session = %session, pod = %pod);
+            let trace = otel::traceparent(&span).unwrap_or_default();
             let (offset_s, prev_s, t) = (
                 offset.to_string(),
                 prev.map(|p| p.to_string()).unwrap_or_default(),
@@ -595,21 +658,37 @@ impl Bus for RedisBus {
                 ("d", msg.data.get()),
                 ("f", from),
                 ("t", &t),
+                ("tp", &trace),
             ];
-            self.route(pod, &fields, "session", Hint::Session(session.clone()))
+            // Without a trace the field is left out, not sent empty.
+            let fields = &fields[..if trace.is_empty() { 7 } else { 8 }];
+            self.route(pod, fields, "session", Hint::Session(session.clone()))
+                .instrument(span)
                 .await;
         }
         Ok(offset)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(%channel))]
     async fn publish(&self, channel: &ChannelName, msg: Outgoing<'_>) -> Result<Offset> {
         let keys = ChannelKeys::new(channel);
         let idem = msg
             .idempotency_key
             .map(|k| ChannelKeys::idempotency(channel, k));
+        let span = tracing::info_span!(target: otel::TARGET, "append", channel = %channel, log = "channel");
+        let trace = otel::traceparent(&span);
         let (offset, prev, pods) = self
-            .append(&keys.log, &keys.head, idem, &keys.pods, "c", &msg)
+            .append(
+                LogTarget {
+                    log: &keys.log,
+                    head: &keys.head,
+                    route: &keys.pods,
+                    kind: "c",
+                },
+                idem,
+                &msg,
+                trace.as_deref(),
+            )
+            .instrument(span)
             .await?;
         self.metrics
             .messages_accepted
@@ -629,17 +708,30 @@ impl Bus for RedisBus {
             ("p", &prev_s),
             ("d", msg.data.get()),
             ("t", &t),
+            ("tp", trace.as_deref().unwrap_or("")),
         ];
+        // Each pod's fan-out links to the append (no per-pod route span:
+        // the links say where the message went).
+        let fields = &fields[..if trace.is_none() { 6 } else { 7 }];
         let mut remote = Vec::new();
         for pod in &pods {
             if *pod == self.pod.name {
-                if let Some(d) =
-                    self.delivery(Some(channel), offset, prev, msg.data.get(), "", accepted)
-                {
-                    self.deliver_channel(channel, &d);
+                let stored = Stored {
+                    offset,
+                    prev,
+                    data: msg.data.get(),
+                    from: "",
+                    accepted_ms: accepted,
+                    trace: "",
+                };
+                if let Some(d) = self.delivery(Some(channel), stored) {
+                    let span =
+                        tracing::info_span!(target: otel::TARGET, "fanout", channel = %channel);
+                    otel::link(&span, trace.as_deref());
+                    span.in_scope(|| self.deliver_channel(channel, &d));
                 }
             } else {
-                remote.push(self.route(pod, &fields, "channel", Hint::Channel(channel.clone())));
+                remote.push(self.route(pod, fields, "channel", Hint::Channel(channel.clone())));
             }
         }
         join_all(remote).await;

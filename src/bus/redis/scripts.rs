@@ -18,7 +18,8 @@ use redis::Script;
 /// unused), 4 routing key (session: owner hash; channel: pods sorted set).
 /// ARGV: 1 data, 2 from ('' if none), 3 max messages, 4 retention ms,
 /// 5 '1' to use the idempotency key, 6 's' session / 'c' channel,
-/// 7 acceptance time (ms, the appending pod's clock).
+/// 7 acceptance time (ms, the appending pod's clock), 8 W3C traceparent
+/// ('' when traces are off: the entry then has no `tp` field).
 ///
 /// Returns {offset, prev, duplicate, targets}: targets is {owner pod,
 /// owner instance} for a session ({} when not connected) and the pods with
@@ -36,7 +37,12 @@ if ARGV[5] == '1' then
 end
 local retention = tonumber(ARGV[4])
 local prev = redis.call('GET', KEYS[2]) or ''
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[3], '*', 'p', prev, 'd', ARGV[1], 'f', ARGV[2], 't', ARGV[7])
+local id
+if ARGV[8] and ARGV[8] ~= '' then
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[3], '*', 'p', prev, 'd', ARGV[1], 'f', ARGV[2], 't', ARGV[7], 'tp', ARGV[8])
+else
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[3], '*', 'p', prev, 'd', ARGV[1], 'f', ARGV[2], 't', ARGV[7])
+end
 redis.call('SET', KEYS[2], id, 'PX', retention + 3600000)
 redis.call('PEXPIRE', KEYS[1], retention)
 if ARGV[5] == '1' then redis.call('SET', KEYS[3], id, 'PX', retention) end

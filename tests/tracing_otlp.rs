@@ -1,0 +1,339 @@
+//! Traces across the Redis hop, exported over OTLP/HTTP to a real receiver.
+//!
+//! The receiver below is a plain HTTP server that decodes what the pods
+//! export with the OTLP protobuf types (`opentelemetry-proto`), as a
+//! collector would. Two pods share one Redis; a backend POSTs through pod A
+//! with its own `traceparent`, the message is written to a socket on pod B,
+//! and one trace must show both: the HTTP span on A as a child of the
+//! caller's span, the socket write on B as a child of A's routing hop. A
+//! channel message fans out on B in a span *linked* to A's append.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use prost::Message;
+use serde_json::json;
+
+use common::redis::{Pod, RedisServer, eventually_within};
+
+/// One exported span, flattened.
+#[derive(Debug, Clone)]
+struct Exported {
+    service: String,
+    name: String,
+    trace_id: String,
+    span_id: String,
+    parent: String,
+    attributes: HashMap<String, String>,
+    /// (trace id, span id) of every link.
+    links: Vec<(String, String)>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn text(value: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    match value.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(AnyValue::StringValue(s)) => s.clone(),
+        Some(AnyValue::IntValue(i)) => i.to_string(),
+        Some(AnyValue::BoolValue(b)) => b.to_string(),
+        Some(AnyValue::DoubleValue(d)) => d.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+type Received = Arc<Mutex<Vec<Exported>>>;
+
+async fn receive(State(received): State<Received>, body: Bytes) -> StatusCode {
+    let Ok(request) = ExportTraceServiceRequest::decode(body) else {
+        return StatusCode::BAD_REQUEST;
+    };
+    let mut out = received.lock().expect("receiver lock");
+    for resource_spans in request.resource_spans {
+        let service = resource_spans
+            .resource
+            .iter()
+            .flat_map(|r| &r.attributes)
+            .find(|kv| kv.key == "service.name")
+            .map(|kv| text(&kv.value))
+            .unwrap_or_default();
+        for scope in resource_spans.scope_spans {
+            for span in scope.spans {
+                out.push(Exported {
+                    service: service.clone(),
+                    name: span.name.clone(),
+                    trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
+                    parent: hex(&span.parent_span_id),
+                    attributes: span
+                        .attributes
+                        .iter()
+                        .map(|kv| (kv.key.clone(), text(&kv.value)))
+                        .collect(),
+                    links: span
+                        .links
+                        .iter()
+                        .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
+                        .collect(),
+                });
+            }
+        }
+    }
+    StatusCode::OK
+}
+
+/// A collector on a free loopback port; returns its base URL.
+async fn start_receiver() -> (String, Received) {
+    let received: Received = Arc::default();
+    let app = Router::new()
+        .route("/v1/traces", post(receive))
+        .with_state(received.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the receiver");
+    let addr = listener.local_addr().expect("receiver address");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}"), received)
+}
+
+fn find(received: &Received, service: &str, name: &str, trace_id: &str) -> Option<Exported> {
+    received
+        .lock()
+        .expect("receiver lock")
+        .iter()
+        .find(|s| s.service == service && s.name == name && s.trace_id == trace_id)
+        .cloned()
+}
+
+async fn wait_for(received: &Received, service: &str, name: &str, trace_id: &str) -> Exported {
+    let mut found = None;
+    eventually_within(
+        Duration::from_secs(15),
+        &format!("span {name} of trace {trace_id} from {service}"),
+        || {
+            found = find(received, service, name, trace_id);
+            let ok = found.is_some();
+            async move { ok }
+        },
+    )
+    .await;
+    found.expect("found")
+}
+
+async fn traced_pod(name: &str, redis: &RedisServer, collector: &str) -> Pod {
+    Pod::start_with_env(
+        name,
+        &redis.url(),
+        &["--insecure-api"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector),
+            ("OTEL_SERVICE_NAME", name),
+            // Export within a tenth of a second rather than five.
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await
+}
+
+async fn post_traced(url: &str, traceparent: &str, data: serde_json::Value) -> serde_json::Value {
+    let response = common::http()
+        .post(url)
+        .header("traceparent", traceparent)
+        .json(&json!({ "data": data }))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status().as_u16(), 202, "POST {url}");
+    response.json().await.expect("JSON answer")
+}
+
+#[tokio::test]
+async fn one_trace_follows_a_message_from_the_post_on_one_pod_to_the_socket_on_another() {
+    let (collector, received) = start_receiver().await;
+    let redis = RedisServer::start().await;
+    let pod_a = traced_pod("pod-a", &redis, &collector).await;
+    let pod_b = traced_pod("pod-b", &redis, &collector).await;
+
+    // A direct message: POST on A, socket on B.
+    let (mut client, welcome) = pod_b.session("s-traced").await;
+    assert_eq!(welcome["pod"], "pod-b");
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let accepted = post_traced(
+        &pod_a.http("/v1/sessions/s-traced/messages"),
+        &format!("00-{caller_trace}-{caller_span}-01"),
+        json!("hello"),
+    )
+    .await;
+    let message = client.recv_json().await;
+    assert_eq!(message["data"], "hello");
+    assert_eq!(message["offset"], accepted["offset"]);
+
+    let http = wait_for(&received, "pod-a", "http.send", caller_trace).await;
+    assert_eq!(
+        http.parent, caller_span,
+        "the HTTP span is the caller's child"
+    );
+    assert_eq!(http.attributes["session"], "s-traced");
+    assert_eq!(http.attributes["http.response.status_code"], "202");
+    let append = wait_for(&received, "pod-a", "append", caller_trace).await;
+    assert_eq!(append.parent, http.span_id);
+    assert_eq!(append.attributes["log"], "session");
+    let route = wait_for(&received, "pod-a", "route", caller_trace).await;
+    assert_eq!(route.parent, http.span_id);
+    assert_eq!(route.attributes["pod"], "pod-b");
+    let deliver = wait_for(&received, "pod-b", "deliver", caller_trace).await;
+    assert_eq!(
+        deliver.parent, route.span_id,
+        "the socket write on pod B is a child of pod A's hop to it"
+    );
+    assert_eq!(deliver.attributes["session"], "s-traced");
+    assert_eq!(
+        deliver.attributes["offset"],
+        accepted["offset"].as_str().expect("offset")
+    );
+    assert_eq!(deliver.attributes["live"], "true");
+
+    // A channel message: the fan-out on B links to the append on A.
+    let mut subscriber = pod_b.connect("session=s-sub").await;
+    let _welcome = subscriber.recv_json().await;
+    let ack = subscriber
+        .request(json!({"type": "subscribe", "channel": "c-traced"}), 1)
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let publish_trace = "0af7651916cd43dd8448eb211c80319c";
+    let published = post_traced(
+        &pod_a.http("/v1/channels/c-traced/messages"),
+        &format!("00-{publish_trace}-b7ad6b7169203331-01"),
+        json!({"n": 1}),
+    )
+    .await;
+    let message = subscriber.recv_json().await;
+    assert_eq!(message["offset"], published["offset"]);
+    let http = wait_for(&received, "pod-a", "http.publish", publish_trace).await;
+    assert_eq!(http.parent, "b7ad6b7169203331");
+    assert_eq!(http.attributes["channel"], "c-traced");
+    let append = wait_for(&received, "pod-a", "append", publish_trace).await;
+    assert_eq!(append.parent, http.span_id);
+    let mut fanout = None;
+    eventually_within(
+        Duration::from_secs(15),
+        "a fan-out span on pod-b linked to pod-a's append",
+        || {
+            fanout = received
+                .lock()
+                .expect("receiver lock")
+                .iter()
+                .find(|s| {
+                    s.service == "pod-b"
+                        && s.name == "fanout"
+                        && s.links
+                            .contains(&(publish_trace.to_string(), append.span_id.clone()))
+                })
+                .cloned();
+            let ok = fanout.is_some();
+            async move { ok }
+        },
+    )
+    .await;
+    let fanout = fanout.expect("found");
+    assert_ne!(
+        fanout.trace_id, publish_trace,
+        "the fan-out is linked, not a child: it starts its own trace"
+    );
+    assert_eq!(fanout.attributes["channel"], "c-traced");
+
+    // A connection's opening is traced too, resume included.
+    let (_resumed, welcome) = pod_a
+        .session(&format!(
+            "s-traced&last={}",
+            accepted["offset"].as_str().expect("offset")
+        ))
+        .await;
+    assert_eq!(welcome["resumed"], true, "{welcome}");
+    let mut connect = None;
+    eventually_within(
+        Duration::from_secs(15),
+        "a ws.connect span with resume=true and its replay",
+        || {
+            let spans = received.lock().expect("receiver lock");
+            connect = spans
+                .iter()
+                .find(|s| {
+                    s.service == "pod-a"
+                        && s.name == "ws.connect"
+                        && s.attributes.get("resume").map(String::as_str) == Some("true")
+                })
+                .cloned();
+            let replay = connect.as_ref().is_some_and(|c| {
+                spans.iter().any(|s| {
+                    s.name == "replay" && s.parent == c.span_id && s.trace_id == c.trace_id
+                })
+            });
+            async move { replay }
+        },
+    )
+    .await;
+    assert_eq!(connect.expect("found").attributes["session"], "s-traced");
+}
+
+/// Embedded mode (no Redis): the same spans in one process, the socket
+/// write a child of the append.
+#[tokio::test]
+async fn embedded_mode_traces_the_post_the_append_and_the_socket_write() {
+    let (collector, received) = start_receiver().await;
+    let dir = common::redis::TempDir::new("embedded-otlp");
+    let log = std::fs::File::create(dir.path().join("wsfleet.log")).expect("log file");
+    let addr = format!("127.0.0.1:{}", common::redis::free_port());
+    let mut child = tokio::process::Command::new(common::redis::WSFLEET_BIN)
+        .args(["serve", "--listen", &addr, "--pod-name", "solo"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env_remove("OTEL_SERVICE_NAME")
+        .env_remove("WSFLEET_REDIS_URL")
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn wsfleet serve");
+    let health = format!("http://{addr}/healthz");
+    eventually_within(Duration::from_secs(10), "embedded /healthz", || {
+        let health = health.clone();
+        async move { common::http().get(&health).send().await.is_ok() }
+    })
+    .await;
+
+    let mut client = common::Client::connect(&format!("ws://{addr}/ws?session=solo-1")).await;
+    assert_eq!(client.recv_json().await["type"], "welcome");
+    let trace = "11111111111111111111111111111111";
+    let accepted = post_traced(
+        &format!("http://{addr}/v1/sessions/solo-1/messages"),
+        &format!("00-{trace}-2222222222222222-01"),
+        json!(7),
+    )
+    .await;
+    assert_eq!(client.recv_json().await["offset"], accepted["offset"]);
+
+    // No OTEL_SERVICE_NAME: the service is called wsfleet.
+    let http = wait_for(&received, "wsfleet", "http.send", trace).await;
+    assert_eq!(http.parent, "2222222222222222");
+    let append = wait_for(&received, "wsfleet", "append", trace).await;
+    assert_eq!(append.parent, http.span_id);
+    let deliver = wait_for(&received, "wsfleet", "deliver", trace).await;
+    assert_eq!(deliver.parent, append.span_id);
+    assert_eq!(deliver.attributes["session"], "solo-1");
+    let _ = child.start_kill();
+}

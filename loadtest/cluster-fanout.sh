@@ -14,7 +14,10 @@
 # Env: SUBSCRIBERS (1000), RATE (300), DURATION (10), SETTLE (6), WSFLEET (the
 # server binary, target/release/wsfleet), OUT
 # (loadtest/results), TAG (name of the result files), POD_FLAGS (extra
-# `wsfleet serve` flags). Loopback only; every process it starts is stopped
+# `wsfleet serve` flags), OVERLOAD (a publish rate: first overload the
+# same fleet at that rate for DURATION s on another channel with other
+# subscribers, then run the measured phase; its results go to
+# $TAG-overload.*), BENCH (the bench binary). Loopback only; every process it starts is stopped
 # on exit. Needs a release build (`cargo build --release -p wsfleet -p wsfleet-bench`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +31,7 @@ REDIS_PORT=${REDIS_PORT:-16600}
 POD_FLAGS=${POD_FLAGS:-}
 mkdir -p "$OUT"
 WSFLEET=${WSFLEET:-target/release/wsfleet}
-BENCH=target/release/wsfleet-bench
+BENCH=${BENCH:-target/release/wsfleet-bench}
 DIR=$(mktemp -d)
 pids=()
 cleanup() {
@@ -50,6 +53,15 @@ done
 for i in 1 2 3; do
   for _ in $(seq 50); do curl -sf "127.0.0.1:1920$i/readyz" >/dev/null && break; sleep 0.1; done
 done
+
+if [ -n "${OVERLOAD:-}" ]; then
+  # Each bench run has its own run id: a new channel and new sessions.
+  "$BENCH" fanout --url ws://127.0.0.1:19201/ws,ws://127.0.0.1:19202/ws,ws://127.0.0.1:19203/ws \
+    --http-target http://127.0.0.1:19201,http://127.0.0.1:19202,http://127.0.0.1:19203 \
+    --subscribers "$SUBSCRIBERS" --rate "$OVERLOAD" --duration "$DURATION" --settle "$SETTLE" \
+    --drain 30 --max-in-flight 64 --json "$OUT/$TAG-overload.json" >"$OUT/$TAG-overload.txt" 2>&1 || true
+  echo "== overload first: $OVERLOAD publishes/s asked, delivery p99 $(python3 -c "import json;print(json.load(open('$OUT/$TAG-overload.json'))['latency_ms']['delivery']['p99_ms'])") ms"
+fi
 
 "$BENCH" fanout --url ws://127.0.0.1:19201/ws,ws://127.0.0.1:19202/ws,ws://127.0.0.1:19203/ws \
   --http-target http://127.0.0.1:19201,http://127.0.0.1:19202,http://127.0.0.1:19203 \

@@ -37,6 +37,8 @@ struct Exported {
     attributes: HashMap<String, String>,
     /// (trace id, span id) of every link.
     links: Vec<(String, String)>,
+    /// Names of the span's events (the log messages inside it).
+    events: Vec<String>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -86,6 +88,7 @@ async fn receive(State(received): State<Received>, body: Bytes) -> StatusCode {
                         .iter()
                         .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
                         .collect(),
+                    events: span.events.iter().map(|e| e.name.clone()).collect(),
                 });
             }
         }
@@ -336,4 +339,91 @@ async fn embedded_mode_traces_the_post_the_append_and_the_socket_write() {
     assert_eq!(deliver.parent, append.span_id);
     assert_eq!(deliver.attributes["session"], "solo-1");
     let _ = child.start_kill();
+}
+
+/// The controller's tick, through the same layer and exporter the binary
+/// installs (here for this test's thread only), against a fake Kubernetes
+/// API and a real Redis: one `reconcile` span per tick, with its decisions
+/// as events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controllers_reconcile_is_a_span_with_its_decisions_as_events() {
+    use opentelemetry_otlp::WithExportConfig;
+    use tracing_subscriber::prelude::*;
+    use wsfleet::config::ScaleMode;
+    use wsfleet::controller::reconcile::Settings;
+
+    let (collector, received) = start_receiver().await;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(format!("{collector}/v1/traces"))
+        .build()
+        .expect("exporter");
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name("ctl")
+                .build(),
+        )
+        .build();
+    let subscriber = tracing_subscriber::registry().with(
+        wsfleet::telemetry::otel::layer(&provider).with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target(wsfleet::telemetry::otel::TARGET, tracing::Level::TRACE)
+                .with_target("wsfleet", tracing::Level::INFO),
+        ),
+    );
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let redis = RedisServer::start().await;
+    let expires = wsfleet::bus::now_ms() + 60_000;
+    for (pod, connections) in [("a", 900), ("b", 0)] {
+        let entry = json!({
+            "status": {"pod": pod, "connections": connections, "capacity": 10_000,
+                       "draining": false, "shedding": false},
+            "expires_ms": expires,
+        });
+        redis
+            .cli(&["HSET", "wsf:fleet", pod, &entry.to_string()])
+            .await;
+    }
+    let settings = Settings {
+        mode: ScaleMode::Scale,
+        scale: common::kube_api::immediate_scaling(100),
+        rebalance: None,
+        drain_timeout_ms: 10_000,
+        order_latency_ms: 1_000,
+    };
+    let (mut ctl, api, _) =
+        common::kube_api::reconciler(&redis.url(), vec!["a".into(), "b".into()], settings, 2).await;
+    ctl.tick().await.expect("tick");
+    assert_eq!(api.replicas(), 9, "the tick scaled up");
+    let _ = provider.force_flush();
+
+    let mut reconcile = None;
+    eventually_within(
+        Duration::from_secs(15),
+        "an exported reconcile span",
+        || {
+            reconcile = received
+                .lock()
+                .expect("receiver lock")
+                .iter()
+                .find(|s| s.service == "ctl" && s.name == "reconcile")
+                .cloned();
+            let ok = reconcile.is_some();
+            async move { ok }
+        },
+    )
+    .await;
+    let reconcile = reconcile.expect("found");
+    assert_eq!(reconcile.parent, "", "a tick starts its own trace");
+    assert_eq!(reconcile.attributes["leading"], "true");
+    assert_eq!(reconcile.attributes["pods"], "2");
+    assert!(
+        reconcile.events.iter().any(|e| e == "scaled up"),
+        "the decision is an event of the span: {:?}",
+        reconcile.events
+    );
+    let _ = provider.shutdown();
 }

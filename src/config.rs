@@ -280,6 +280,13 @@ pub struct ServeConfig {
     #[arg(long, env = "WSFLEET_REDIS_WAIT_REPLICAS", default_value_t = 0)]
     pub redis_wait_replicas: u32,
 
+    /// Single server without replica wait: append a message and write it
+    /// to the owning pods' inboxes in one script, one round trip. `false`
+    /// makes them two steps (what Redis Cluster and
+    /// `--redis-wait-replicas` always do), e.g. to compare the two.
+    #[arg(long, env = "WSFLEET_REDIS_ROUTE_IN_SCRIPT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub redis_route_in_script: bool,
+
     /// Cluster mode: longest delay, in milliseconds, before a message whose
     /// routing to its pod failed (refused, timed out, inbox lost) still
     /// reaches the live connection from the log. The repair loop runs every

@@ -749,6 +749,7 @@ async fn a_channel_replay_after_redis_lost_the_log_reports_a_gap() {
         upstream_stream: "own:unused".into(),
         timeout: Duration::from_secs(2),
         wait_replicas: 0,
+        route_in_script: true,
         upstream_max_age: Duration::ZERO,
         reconnect_jitter_ms: 0,
         max_message_bytes: 64 * 1024,

@@ -136,11 +136,13 @@ async fn wait_for(received: &Received, service: &str, name: &str, trace_id: &str
     found.expect("found")
 }
 
-async fn traced_pod(name: &str, redis: &RedisServer, collector: &str) -> Pod {
+async fn traced_pod(name: &str, redis: &RedisServer, collector: &str, flags: &[&str]) -> Pod {
+    let mut extra = vec!["--insecure-api"];
+    extra.extend_from_slice(flags);
     Pod::start_with_env(
         name,
         &redis.url(),
-        &["--insecure-api"],
+        &extra,
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", collector),
             ("OTEL_SERVICE_NAME", name),
@@ -159,16 +161,26 @@ async fn post_traced(url: &str, traceparent: &str, data: serde_json::Value) -> s
         .send()
         .await
         .expect("POST");
-    assert_eq!(response.status().as_u16(), 202, "POST {url}");
-    response.json().await.expect("JSON answer")
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.expect("JSON answer");
+    assert_eq!(status, 202, "POST {url}: {body}");
+    body
 }
 
 #[tokio::test]
 async fn one_trace_follows_a_message_from_the_post_on_one_pod_to_the_socket_on_another() {
     let (collector, received) = start_receiver().await;
     let redis = RedisServer::start().await;
-    let pod_a = traced_pod("pod-a", &redis, &collector).await;
-    let pod_b = traced_pod("pod-b", &redis, &collector).await;
+    let pod_a = traced_pod("pod-a", &redis, &collector, &[]).await;
+    let pod_b = traced_pod("pod-b", &redis, &collector, &[]).await;
+    // Routes in a second step, as with Redis Cluster or a replica wait.
+    let pod_c = traced_pod(
+        "pod-c",
+        &redis,
+        &collector,
+        &["--redis-route-in-script", "false"],
+    )
+    .await;
 
     // A direct message: POST on A, socket on B.
     let (mut client, welcome) = pod_b.session("s-traced").await;
@@ -195,13 +207,10 @@ async fn one_trace_follows_a_message_from_the_post_on_one_pod_to_the_socket_on_a
     let append = wait_for(&received, "pod-a", "append", caller_trace).await;
     assert_eq!(append.parent, http.span_id);
     assert_eq!(append.attributes["log"], "session");
-    let route = wait_for(&received, "pod-a", "route", caller_trace).await;
-    assert_eq!(route.parent, http.span_id);
-    assert_eq!(route.attributes["pod"], "pod-b");
     let deliver = wait_for(&received, "pod-b", "deliver", caller_trace).await;
     assert_eq!(
-        deliver.parent, route.span_id,
-        "the socket write on pod B is a child of pod A's hop to it"
+        deliver.parent, append.span_id,
+        "the socket write on pod B is a child of pod A's append, whose script wrote B's inbox"
     );
     assert_eq!(deliver.attributes["session"], "s-traced");
     assert_eq!(
@@ -209,6 +218,30 @@ async fn one_trace_follows_a_message_from_the_post_on_one_pod_to_the_socket_on_a
         accepted["offset"].as_str().expect("offset")
     );
     assert_eq!(deliver.attributes["live"], "true");
+
+    // Through pod C, which routes in a step of its own: the socket write
+    // on B is a child of that hop.
+    let hop_trace = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let accepted = post_traced(
+        &pod_c.http("/v1/sessions/s-traced/messages"),
+        &format!("00-{hop_trace}-{caller_span}-01"),
+        json!("again"),
+    )
+    .await;
+    assert_eq!(client.recv_json().await["offset"], accepted["offset"]);
+    let http = wait_for(&received, "pod-c", "http.send", hop_trace).await;
+    let route = wait_for(&received, "pod-c", "route", hop_trace).await;
+    assert_eq!(route.parent, http.span_id);
+    assert_eq!(route.attributes["pod"], "pod-b");
+    let deliver = wait_for(&received, "pod-b", "deliver", hop_trace).await;
+    assert_eq!(
+        deliver.parent, route.span_id,
+        "the socket write on pod B is a child of pod C's hop to it"
+    );
+    assert_eq!(
+        deliver.attributes["offset"],
+        accepted["offset"].as_str().expect("offset")
+    );
 
     // A channel message: the fan-out on B links to the append on A.
     let mut subscriber = pod_b.connect("session=s-sub").await;

@@ -124,6 +124,7 @@ impl Gateway {
                     upstream_stream: config.upstream_stream.clone(),
                     timeout: Duration::from_millis(config.redis_timeout_ms),
                     wait_replicas: config.redis_wait_replicas,
+                    route_in_script: config.redis_route_in_script,
                     delivery_repair: Duration::from_millis(config.delivery_repair_ms),
                     upstream_max_age: Duration::from_secs(config.upstream_max_age_s),
                     reconnect_jitter_ms: config.reconnect_jitter_ms,

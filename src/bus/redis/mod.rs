@@ -9,6 +9,13 @@
 //!                                                                     -> mailbox.offer
 //! ```
 //!
+//! On a single Redis server without `--redis-wait-replicas`, the XADD to
+//! the owner's inbox (and to each subscribed pod's, for a channel) runs
+//! inside the append's script (APPEND_ROUTE): one round trip per message
+//! instead of two, with the log still written first. Redis Cluster keeps
+//! the two steps (the inbox is in another slot), and so does a replica wait
+//! (a message must not reach a socket before its 202 could be sent).
+//!
 //! * The session's (or channel's) log is written first and is the only copy
 //!   that matters: the 202 is sent once the APPEND script has run. Inbox
 //!   entries are a fast path; if one is lost with a dying pod, the client's
@@ -105,6 +112,9 @@ pub struct RedisOptions {
     pub timeout: Duration,
     /// Replicas that must acknowledge an append (WAIT) before it is accepted.
     pub wait_replicas: u32,
+    /// Route in the append's script where the deployment allows it (see
+    /// `RedisBus::routes_in_script`).
+    pub route_in_script: bool,
     /// Upstream events older than this are trimmed from the upstream
     /// stream (besides the count cap); zero: count cap only.
     pub upstream_max_age: Duration,
@@ -155,6 +165,19 @@ pub struct RedisBus {
     repair_metrics: RepairMetrics,
 }
 
+/// What APPEND answered.
+struct Appended {
+    offset: Offset,
+    prev: Option<Offset>,
+    /// `None` for a duplicate (already routed once). Session: {owner pod,
+    /// owner instance} or empty; channel: the pods with subscribers.
+    targets: Option<Vec<String>>,
+    /// The script also routed to the remote targets (APPEND_ROUTE).
+    routed: bool,
+    /// Remote targets the script could not route to (their inbox is gone).
+    unrouted: Vec<String>,
+}
+
 /// The keys of the log a message is appended to (see APPEND).
 struct LogTarget<'a> {
     log: &'a str,
@@ -163,6 +186,8 @@ struct LogTarget<'a> {
     route: &'a str,
     /// 's' session, 'c' channel.
     kind: &'static str,
+    /// The session id or channel name.
+    name: &'a str,
 }
 
 /// A message's fields as a log or inbox entry stores them ('' for absent).
@@ -320,23 +345,36 @@ impl RedisBus {
         self.opts.lease.as_millis() as u64
     }
 
-    /// Runs APPEND for a session or a channel; returns (offset, prev, targets)
-    /// or `None` for the targets of a duplicate (already routed once).
+    /// Whether APPEND_ROUTE may write other pods' inboxes in the append's
+    /// own script (one round trip): a single server, no replica wait.
+    fn routes_in_script(&self) -> bool {
+        self.opts.route_in_script && !self.opts.target.cluster && self.replicas.is_none()
+    }
+
+    /// Runs APPEND (or APPEND_ROUTE, see [`Self::routes_in_script`]) for a
+    /// session or a channel.
     async fn append(
         &self,
         target: LogTarget<'_>,
         idempotency: Option<String>,
         msg: &Outgoing<'_>,
         trace: Option<&str>,
-    ) -> Result<(Offset, Option<Offset>, Option<Vec<String>>)> {
+    ) -> Result<Appended> {
         let LogTarget {
             log,
             head,
             route,
             kind,
+            name,
         } = target;
         let mut conn = self.conn.clone();
-        let mut invocation = scripts::APPEND.prepare_invoke();
+        let in_script = self.routes_in_script();
+        let script = if in_script {
+            &scripts::APPEND_ROUTE
+        } else {
+            &scripts::APPEND
+        };
+        let mut invocation = script.prepare_invoke();
         invocation
             .key(log)
             .key(head)
@@ -350,9 +388,25 @@ impl RedisBus {
             .arg(kind)
             .arg(now_ms())
             .arg(trace.unwrap_or(""));
-        let (id, prev, duplicate, targets): (String, String, i64, Vec<String>) = self
-            .call_with("append", Effect::Append, invocation.invoke_async(&mut conn))
-            .await?;
+        if in_script {
+            invocation
+                .arg(&self.pod.name)
+                .arg(&self.inst)
+                .arg(name)
+                .arg(INBOX_MAXLEN)
+                .arg(self.lease_ms() * 2);
+        }
+        let (id, prev, duplicate, targets, unrouted) = if in_script {
+            type Reply = (String, String, i64, Vec<String>, Vec<String>);
+            let call = invocation.invoke_async::<Reply>(&mut conn);
+            self.call_with("append", Effect::Append, call).await?
+        } else {
+            type Reply = (String, String, i64, Vec<String>);
+            let call = invocation.invoke_async::<Reply>(&mut conn);
+            let (id, prev, duplicate, targets) =
+                self.call_with("append", Effect::Append, call).await?;
+            (id, prev, duplicate, targets, Vec::new())
+        };
         let offset = id.parse::<Offset>().map_err(unavailable)?;
         if let Some(replicas) = &self.replicas {
             // A duplicate is waited for too: its first attempt may be the
@@ -360,9 +414,40 @@ impl RedisBus {
             replicas.wait(&format!("offset {offset}")).await?;
         }
         if duplicate == 1 {
-            return Ok((offset, None, None));
+            return Ok(Appended {
+                offset,
+                prev: None,
+                targets: None,
+                routed: in_script,
+                unrouted: Vec::new(),
+            });
         }
-        Ok((offset, parse_offset(&prev), Some(targets)))
+        Ok(Appended {
+            offset,
+            prev: parse_offset(&prev),
+            targets: Some(targets),
+            routed: in_script,
+            unrouted,
+        })
+    }
+
+    /// Counts a hop to `pod` (made by [`Self::route`] or inside
+    /// APPEND_ROUTE) and, when it failed, queues `hint` for the pod.
+    fn routed_to(&self, pod: &str, kind: &'static str, hint: Hint, failure: Option<&str>) {
+        let Some(failure) = failure else {
+            self.bus_metrics
+                .routed
+                .with_label_values(&[kind, "out"])
+                .inc();
+            return;
+        };
+        self.repair_metrics
+            .route_failures
+            .with_label_values(&[kind])
+            .inc();
+        let queued = self.hints.push(pod, hint);
+        self.repair_metrics.hints_queued.set(queued as i64);
+        tracing::debug!(pod, kind, error = %failure, "routing to a pod failed; a repair hint is queued");
     }
 
     /// Appends an entry to another pod's inbox. On failure (an error, a
@@ -401,25 +486,13 @@ impl RedisBus {
             )
             .await
         {
-            Ok((Some(_),)) => {
-                self.bus_metrics
-                    .routed
-                    .with_label_values(&[kind, "out"])
-                    .inc();
-                return;
-            }
+            Ok((Some(_),)) => None,
             // NOMKSTREAM: the pod's inbox is gone (deleted, Redis restarted
             // empty, or the pod died and its inbox expired).
-            Ok((None,)) => "no inbox".to_string(),
-            Err(e) => e.to_string(),
+            Ok((None,)) => Some("no inbox".to_string()),
+            Err(e) => Some(e.to_string()),
         };
-        self.repair_metrics
-            .route_failures
-            .with_label_values(&[kind])
-            .inc();
-        let queued = self.hints.push(pod, hint);
-        self.repair_metrics.hints_queued.set(queued as i64);
-        tracing::debug!(pod, kind, error = %failure, "routing to a pod failed; a repair hint is queued");
+        self.routed_to(pod, kind, hint, failure.as_deref());
     }
 
     /// Hands a direct message to the local connection of its session.
@@ -598,13 +671,14 @@ impl Bus for RedisBus {
             .map(|k| SessionKeys::idempotency(session, k));
         let span = tracing::info_span!(target: otel::TARGET, "append", session = %session, log = "session");
         let trace = otel::traceparent(&span);
-        let (offset, prev, targets) = self
+        let appended = self
             .append(
                 LogTarget {
                     log: &keys.log,
                     head: &keys.head,
                     route: &keys.owner,
                     kind: "s",
+                    name: session.as_str(),
                 },
                 idem,
                 &msg,
@@ -616,6 +690,13 @@ impl Bus for RedisBus {
             .messages_accepted
             .with_label_values(&["session"])
             .inc();
+        let Appended {
+            offset,
+            prev,
+            targets,
+            routed,
+            unrouted,
+        } = appended;
         let Some(targets) = targets else {
             return Ok(offset);
         };
@@ -639,6 +720,11 @@ impl Bus for RedisBus {
             ) {
                 self.deliver_local_session(session, &d);
             }
+        } else if routed {
+            // The script wrote the owner's inbox (the `deliver` span there
+            // is a child of the append), unless the inbox was gone.
+            let failure = unrouted.contains(pod).then_some("inbox gone or refused");
+            self.routed_to(pod, "session", Hint::Session(session.clone()), failure);
         } else {
             // The owner's socket write becomes a child of this hop.
             let span =
@@ -676,13 +762,14 @@ impl Bus for RedisBus {
             .map(|k| ChannelKeys::idempotency(channel, k));
         let span = tracing::info_span!(target: otel::TARGET, "append", channel = %channel, log = "channel");
         let trace = otel::traceparent(&span);
-        let (offset, prev, pods) = self
+        let appended = self
             .append(
                 LogTarget {
                     log: &keys.log,
                     head: &keys.head,
                     route: &keys.pods,
                     kind: "c",
+                    name: channel.as_str(),
                 },
                 idem,
                 &msg,
@@ -694,6 +781,13 @@ impl Bus for RedisBus {
             .messages_accepted
             .with_label_values(&["channel"])
             .inc();
+        let Appended {
+            offset,
+            prev,
+            targets: pods,
+            routed,
+            unrouted,
+        } = appended;
         let Some(pods) = pods else { return Ok(offset) };
         let accepted = now_ms();
         let (offset_s, prev_s, t) = (
@@ -730,6 +824,9 @@ impl Bus for RedisBus {
                     otel::link(&span, trace.as_deref());
                     span.in_scope(|| self.deliver_channel(channel, &d));
                 }
+            } else if routed {
+                let failure = unrouted.contains(pod).then_some("inbox gone or refused");
+                self.routed_to(pod, "channel", Hint::Channel(channel.clone()), failure);
             } else {
                 remote.push(self.route(pod, fields, "channel", Hint::Channel(channel.clone())));
             }

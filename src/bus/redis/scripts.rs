@@ -60,6 +60,91 @@ return {id, prev, 0, targets}
     )
 });
 
+/// APPEND plus the hop to the pods that must hear of the message, in the
+/// same script: one round trip instead of two (or one per pod for a
+/// channel). Only for a single Redis server (it writes pod inboxes in other
+/// slots than the log, which Redis Cluster refuses) and only without
+/// `--redis-wait-replicas` (a message must not reach a socket before the
+/// replicas that make it "accepted" have it).
+///
+/// KEYS and ARGV 1–8 as APPEND; ARGV: 9 this pod, 10 this instance, 11 the
+/// session or channel name, 12 inbox MAXLEN (~), 13 routed-set expiry ms.
+/// The inbox key of pod P is `wsf:inbox:{P}` and its routed set
+/// `wsf:routed:{P}` (`keys::inbox`, `keys::routed`); the entry has the
+/// fields `RedisBus::route` would write.
+///
+/// Returns {offset, prev, duplicate, targets, unrouted}: targets as APPEND
+/// (the caller delivers locally when it names this pod), unrouted the
+/// remote pods whose inbox is gone or refused the entry (the caller queues
+/// repair hints). A refused hop never fails the script: its log entry is
+/// written by then, and an error would claim nothing was stored.
+pub static APPEND_ROUTE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if ARGV[5] == '1' then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then return {seen, '', 1, {}, {}} end
+end
+local retention = tonumber(ARGV[4])
+local prev = redis.call('GET', KEYS[2]) or ''
+local traced = ARGV[8] ~= ''
+local id
+if traced then
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[3], '*', 'p', prev, 'd', ARGV[1], 'f', ARGV[2], 't', ARGV[7], 'tp', ARGV[8])
+else
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[3], '*', 'p', prev, 'd', ARGV[1], 'f', ARGV[2], 't', ARGV[7])
+end
+redis.call('SET', KEYS[2], id, 'PX', retention + 3600000)
+redis.call('PEXPIRE', KEYS[1], retention)
+if ARGV[5] == '1' then redis.call('SET', KEYS[3], id, 'PX', retention) end
+local session = ARGV[6] == 's'
+local hint = ARGV[6] .. ':' .. ARGV[11]
+local unrouted = {}
+local function route(pod)
+  local entry = {'wsf:inbox:{' .. pod .. '}', 'NOMKSTREAM', 'MAXLEN', '~', ARGV[12], '*',
+    'k', ARGV[6], 'n', ARGV[11], 'o', id, 'p', prev, 'd', ARGV[1]}
+  if session then
+    entry[#entry + 1] = 'f'
+    entry[#entry + 1] = ARGV[2]
+  end
+  entry[#entry + 1] = 't'
+  entry[#entry + 1] = ARGV[7]
+  if traced then
+    entry[#entry + 1] = 'tp'
+    entry[#entry + 1] = ARGV[8]
+  end
+  -- pcall: a refused hop (NOPERM, a full inbox) must not fail the
+  -- script, whose log entry is already written (Redis does not roll back).
+  local added = redis.pcall('XADD', unpack(entry))
+  local ok = added and type(added) ~= 'table'
+  if ok then
+    local routed = 'wsf:routed:{' .. pod .. '}'
+    local r = redis.pcall('SADD', routed, hint)
+    if type(r) == 'table' and r.err then ok = false end
+    redis.pcall('PEXPIRE', routed, ARGV[13])
+  end
+  if not ok then unrouted[#unrouted + 1] = pod end
+end
+local targets = {}
+if session then
+  local owner = redis.call('HMGET', KEYS[4], 'pod', 'inst')
+  if owner[1] then
+    targets = {owner[1], owner[2] or ''}
+    if owner[1] ~= ARGV[9] or owner[2] ~= ARGV[10] then route(owner[1]) end
+  end
+else
+  local t = redis.call('TIME')
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  targets = redis.call('ZRANGE', KEYS[4], 0, -1)
+  for _, pod in ipairs(targets) do
+    if pod ~= ARGV[9] then route(pod) end
+  end
+end
+return {id, prev, 0, targets, unrouted}
+"#,
+    )
+});
+
 /// Reads a log after an offset, dropping what retention no longer keeps.
 ///
 /// KEYS: 1 log, 2 head. ARGV: 1 after ('' for all), 2 max entries, 3 retention ms.

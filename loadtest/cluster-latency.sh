@@ -14,7 +14,8 @@
 # BENCH=/path run other builds (NO_BUILD=1 skips the build), e.g. to compare
 # two commits; TRACES=1 turns OpenTelemetry on in the pods, exporting to a
 # sink on 127.0.0.1:4318 that accepts and drops every span (docs/tracing.md);
-# TAG=x adds -x to the result names.
+# TAG=x adds -x to the result names; POD_FLAGS adds `wsfleet serve` flags
+# (e.g. POD_FLAGS="--redis-route-in-script false").
 # Loopback only; every process it starts is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,8 +63,9 @@ redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" "${persist[@]}" --d
 sleep 0.5
 REDIS_PID=$(cat "$DIR/redis.pid")
 for i in 1 2 3; do
+  # shellcheck disable=SC2086
   "$WSFLEET" serve --listen "127.0.0.1:1910$i" --pod-name "pod-$i" \
-    --redis-url "redis://127.0.0.1:$REDIS_PORT" >"$DIR/pod-$i.log" 2>&1 &
+    --redis-url "redis://127.0.0.1:$REDIS_PORT" ${POD_FLAGS:-} >"$DIR/pod-$i.log" 2>&1 &
   pids+=($!)
   pods+=($!)
 done

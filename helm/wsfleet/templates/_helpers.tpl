@@ -229,8 +229,9 @@ How the pods find Redis. Env vars shared by the gateway and the controller.
 Refuse combinations that would deploy a broken fleet.
 */}}
 {{- define "wsfleet.validate" -}}
-{{- if le (int .Values.terminationGracePeriodSeconds) (int .Values.drain.windowSeconds) }}
-{{- fail (printf "terminationGracePeriodSeconds (%v) must be greater than drain.windowSeconds (%v): otherwise the kubelet kills pods mid-drain" .Values.terminationGracePeriodSeconds .Values.drain.windowSeconds) }}
+{{- $needed := add (int .Values.preStopSeconds) (int .Values.drain.windowSeconds) 12 }}
+{{- if le (int .Values.terminationGracePeriodSeconds) (int $needed) }}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must be greater than preStopSeconds (%v) + drain.windowSeconds (%v) + 12 (wsfleet's grace, last closes and webhook flush) = %v: otherwise the kubelet kills pods mid-drain" .Values.terminationGracePeriodSeconds .Values.preStopSeconds .Values.drain.windowSeconds $needed) }}
 {{- end }}
 {{- $multi := or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) }}
 {{- $bus := or .Values.redis.enabled .Values.redis.url .Values.secret.existingSecret }}

@@ -107,11 +107,20 @@ fn the_plain_manifests_carry_the_same_role() {
 fn one_writer_of_replicas() {
     let both =
         json!({"controller": {"enabled": true, "mode": "scale"}, "autoscaling": {"enabled": true}});
-    assert!(render_error(both).contains("only writer of replicas"));
+    // Refused by values.schema.json before any template runs.
+    let error = render_error(both);
+    assert!(
+        error.contains("at '/autoscaling/enabled': value must be false"),
+        "{error}"
+    );
     let keda_and_hpa = json!({"controller": {"enabled": true, "scaler": "keda"}, "autoscaling": {"enabled": true}});
     assert!(render_error(keda_and_hpa).contains("one autoscaler"));
     let bad = json!({"controller": {"enabled": true, "mode": "sometimes"}, "autoscaling": {"enabled": false}});
-    assert!(render_error(bad).contains("metrics or scale"));
+    let error = render_error(bad);
+    assert!(
+        error.contains("at '/controller/mode': value must be one of 'metrics', 'scale'"),
+        "{error}"
+    );
     // Scale mode alone: no HPA, no ScaledObject, the controller is told.
     let objects = render(
         json!({"controller": {"enabled": true, "mode": "scale"}, "autoscaling": {"enabled": false}}),
@@ -375,4 +384,45 @@ fn ingress_httproute_and_networkpolicy_render_when_asked_and_not_by_default() {
         policy["spec"]["egress"][1]["to"][0]["ipBlock"]["cidr"],
         "10.0.0.5/32"
     );
+}
+
+#[test]
+fn the_values_schema_refuses_wrong_values_with_the_path_that_is_wrong() {
+    for (values, expected) in [
+        (
+            json!({"replicaCuont": 3}),
+            "additional properties 'replicaCuont' not allowed",
+        ),
+        (
+            json!({"logFormat": "xml"}),
+            "at '/logFormat': value must be one of 'text', 'json'",
+        ),
+        (
+            json!({"port": "8080"}),
+            "at '/port': got string, want integer",
+        ),
+        (
+            json!({"auth": {"mode": "basic"}}),
+            "at '/auth/mode': value must be one of 'none', 'jwt'",
+        ),
+        (json!({"preStopSeconds": -1}), "at '/preStopSeconds'"),
+        (
+            json!({"tracing": {"otlpEndpoint": "collector:4318"}}),
+            "at '/tracing/otlpEndpoint'",
+        ),
+        (
+            json!({"service": {"type": "Ingress"}}),
+            "at '/service/type'",
+        ),
+        // One writer of replicas: the controller in scale mode, or an HPA.
+        (
+            json!({"controller": {"enabled": true, "mode": "scale"}, "autoscaling": {"enabled": true}}),
+            "at '/autoscaling/enabled': value must be false",
+        ),
+    ] {
+        let error = render_error(values.clone());
+        assert!(error.contains(expected), "{values}: {error}");
+    }
+    // Every value the chart ships with passes.
+    render(json!({}));
 }

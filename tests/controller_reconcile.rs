@@ -6,8 +6,6 @@ mod common;
 
 use std::time::Duration;
 
-use serde_json::json;
-
 use common::kube_api::FakeApi;
 use common::redis::RedisServer;
 use wsfleet::config::ScaleMode;
@@ -15,18 +13,7 @@ use wsfleet::controller::decide::RebalancePolicy;
 use wsfleet::controller::metrics::ControllerMetrics;
 use wsfleet::controller::reconcile::{Reconciler, Settings};
 
-/// Writes a pod's report the way its upkeep does.
-async fn report(redis: &RedisServer, pod: &str, connections: usize) {
-    let expires = wsfleet::bus::now_ms() + 60_000;
-    let entry = json!({
-        "status": {"pod": pod, "connections": connections, "capacity": 10_000,
-                   "draining": false, "shedding": false},
-        "expires_ms": expires,
-    });
-    redis
-        .cli(&["HSET", "wsf:fleet", pod, &entry.to_string()])
-        .await;
-}
+use common::kube_api::report;
 
 async fn orders(redis: &RedisServer) -> String {
     redis.cli(&["HGETALL", "wsf:ctl"]).await

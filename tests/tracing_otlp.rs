@@ -409,16 +409,8 @@ async fn the_controllers_reconcile_is_a_span_with_its_decisions_as_events() {
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let redis = RedisServer::start().await;
-    let expires = wsfleet::bus::now_ms() + 60_000;
     for (pod, connections) in [("a", 900), ("b", 0)] {
-        let entry = json!({
-            "status": {"pod": pod, "connections": connections, "capacity": 10_000,
-                       "draining": false, "shedding": false},
-            "expires_ms": expires,
-        });
-        redis
-            .cli(&["HSET", "wsf:fleet", pod, &entry.to_string()])
-            .await;
+        common::kube_api::report(&redis, pod, connections).await;
     }
     let settings = Settings {
         mode: ScaleMode::Scale,

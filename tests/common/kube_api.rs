@@ -291,3 +291,16 @@ pub async fn reconciler_with_lease(
     );
     (reconciler, api, metrics)
 }
+
+/// Writes a pod's report to the fleet registry the way its upkeep does.
+pub async fn report(redis: &super::redis::RedisServer, pod: &str, connections: usize) {
+    let expires = wsfleet::bus::now_ms() + 60_000;
+    let entry = json!({
+        "status": {"pod": pod, "connections": connections, "capacity": 10_000,
+                   "draining": false, "shedding": false},
+        "expires_ms": expires,
+    });
+    redis
+        .cli(&["HSET", "wsf:fleet", pod, &entry.to_string()])
+        .await;
+}

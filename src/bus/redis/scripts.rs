@@ -12,6 +12,27 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
+/// The log write both append scripts share: XADD with the previous
+/// offset (and the trace context when there is one), the head, the log's
+/// expiry and the idempotency record. Sets `prev` and `id`.
+macro_rules! log_write {
+    () => {
+        r#"
+local retention = tonumber(ARGV[4])
+local prev = redis.call('GET', KEYS[2]) or ''
+local id
+if ARGV[8] and ARGV[8] ~= '' then
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[3], '*', 'p', prev, 'd', ARGV[1], 'f', ARGV[2], 't', ARGV[7], 'tp', ARGV[8])
+else
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[3], '*', 'p', prev, 'd', ARGV[1], 'f', ARGV[2], 't', ARGV[7])
+end
+redis.call('SET', KEYS[2], id, 'PX', retention + 3600000)
+redis.call('PEXPIRE', KEYS[1], retention)
+if ARGV[5] == '1' then redis.call('SET', KEYS[3], id, 'PX', retention) end
+"#
+    };
+}
+
 /// Appends one message to a session's or channel's log.
 ///
 /// KEYS: 1 log, 2 head, 3 idempotency key (or the head key again when
@@ -29,24 +50,15 @@ use redis::Script;
 /// REPLAY before anything is read, and an idle log expires as a whole
 /// (PEXPIRE), which keeps this script, run for every message, short.
 pub static APPEND: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
         r#"
 if ARGV[5] == '1' then
   local seen = redis.call('GET', KEYS[3])
   if seen then return {seen, '', 1, {}} end
 end
-local retention = tonumber(ARGV[4])
-local prev = redis.call('GET', KEYS[2]) or ''
-local id
-if ARGV[8] and ARGV[8] ~= '' then
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[3], '*', 'p', prev, 'd', ARGV[1], 'f', ARGV[2], 't', ARGV[7], 'tp', ARGV[8])
-else
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[3], '*', 'p', prev, 'd', ARGV[1], 'f', ARGV[2], 't', ARGV[7])
-end
-redis.call('SET', KEYS[2], id, 'PX', retention + 3600000)
-redis.call('PEXPIRE', KEYS[1], retention)
-if ARGV[5] == '1' then redis.call('SET', KEYS[3], id, 'PX', retention) end
-local targets = {}
+"#,
+        log_write!(),
+        r#"local targets = {}
 if ARGV[6] == 's' then
   local owner = redis.call('HMGET', KEYS[4], 'pod', 'inst')
   if owner[1] then targets = {owner[1], owner[2] or ''} end
@@ -56,8 +68,8 @@ else
   targets = redis.call('ZRANGE', KEYS[4], 0, -1)
 end
 return {id, prev, 0, targets}
-"#,
-    )
+"#
+    ))
 });
 
 /// APPEND plus the hop to the pods that must hear of the message, in the
@@ -79,24 +91,15 @@ return {id, prev, 0, targets}
 /// repair hints). A refused hop never fails the script: its log entry is
 /// written by then, and an error would claim nothing was stored.
 pub static APPEND_ROUTE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
         r#"
 if ARGV[5] == '1' then
   local seen = redis.call('GET', KEYS[3])
   if seen then return {seen, '', 1, {}, {}} end
 end
-local retention = tonumber(ARGV[4])
-local prev = redis.call('GET', KEYS[2]) or ''
-local traced = ARGV[8] ~= ''
-local id
-if traced then
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[3], '*', 'p', prev, 'd', ARGV[1], 'f', ARGV[2], 't', ARGV[7], 'tp', ARGV[8])
-else
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[3], '*', 'p', prev, 'd', ARGV[1], 'f', ARGV[2], 't', ARGV[7])
-end
-redis.call('SET', KEYS[2], id, 'PX', retention + 3600000)
-redis.call('PEXPIRE', KEYS[1], retention)
-if ARGV[5] == '1' then redis.call('SET', KEYS[3], id, 'PX', retention) end
+"#,
+        log_write!(),
+        r#"local traced = ARGV[8] and ARGV[8] ~= ''
 local session = ARGV[6] == 's'
 local hint = ARGV[6] .. ':' .. ARGV[11]
 local unrouted = {}
@@ -146,8 +149,8 @@ else
   end
 end
 return {id, prev, 0, targets, unrouted}
-"#,
-    )
+"#
+    ))
 });
 
 /// Reads a log after an offset, dropping what retention no longer keeps.

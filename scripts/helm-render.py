@@ -6,6 +6,9 @@ prints every manifest as JSON, for the Rust tests (tests/helm_chart.rs).
         -> {"<template path>": [<object>, ...], ...}
     helm-render.py yaml <file.yaml>...
         -> {"<file>": [<object>, ...], ...}
+    helm-render.py lint <chart-dir> <values-json>
+        -> helm lint --strict's report: {"messages": [{"severity", "path",
+           "error"}], "errors": [...]} (severity 1 info, 2 warning, 3 error)
 
 A render error prints {"error": "..."} and exits 2.
 """
@@ -29,6 +32,10 @@ def main(argv):
         return 0
     import helm_python
 
+    if argv[1] == "lint":
+        report = helm_python.lint(argv[2], json.loads(argv[3]), strict=True, namespace="fleet")
+        print(json.dumps(report))
+        return 0
     chart_dir, values = argv[2], json.loads(argv[3])
     release = argv[4] if len(argv) > 4 else "wsfleet"
     namespace = argv[5] if len(argv) > 5 else "fleet"

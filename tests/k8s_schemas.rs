@@ -4,6 +4,8 @@
 //! schemas with PyPI `kubernetes-validate` (installed into target/test-venv
 //! by scripts/test.sh; run by scripts/k8s-validate.py).
 //!
+//! The chart also passes `helm lint --strict` for each value set.
+//!
 //! Custom resources (ServiceMonitor, PrometheusRule, KEDA's ScaledObject,
 //! Gateway API's HTTPRoute) have no schema in that package; they are
 //! listed, must be one of those kinds, and are checked by the render tests
@@ -83,9 +85,9 @@ fn assert_valid(what: &str, objects: &[Value]) {
     assert_eq!(checked + custom, objects.len() as u64, "{what}: {report}");
 }
 
-#[test]
-fn every_chart_value_set_renders_objects_the_kubernetes_schemas_accept() {
-    let sets = [
+/// The value sets the chart offers, each with a name.
+fn value_sets() -> Vec<(&'static str, Value)> {
+    vec![
         ("defaults", json!({})),
         (
             "HPA on CPU and connections",
@@ -128,10 +130,36 @@ fn every_chart_value_set_renders_objects_the_kubernetes_schemas_accept() {
             "traces",
             json!({"tracing": {"otlpEndpoint": "http://otel-collector:4318"}, "controller": {"enabled": true, "scaler": "none"}}),
         ),
-    ];
-    for (what, values) in sets {
+    ]
+}
+
+#[test]
+fn every_chart_value_set_renders_objects_the_kubernetes_schemas_accept() {
+    for (what, values) in value_sets() {
         assert_valid(what, &rendered(values));
     }
+}
+
+/// `helm lint --strict` (warnings are errors) for every value set: no
+/// warning, no error (an info such as "icon is recommended" is allowed).
+#[test]
+fn the_chart_lints_clean_in_strict_mode_for_every_value_set() {
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/helm/wsfleet");
+    for (what, values) in value_sets() {
+        let (ok, report) = common::helm::render_script(&["lint", chart, &values.to_string()]);
+        assert!(ok, "{what}: lint failed to run: {report}");
+        assert_eq!(report["errors"], json!([]), "{what}: {report}");
+        let serious: Vec<&Value> = report["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .filter(|m| m["severity"].as_u64().unwrap_or(3) >= 2)
+            .collect();
+        assert!(serious.is_empty(), "{what}: {serious:?}");
+    }
+    // And lint does fail a broken value set.
+    let (_, report) = common::helm::render_script(&["lint", chart, r#"{"logFormat": "xml"}"#]);
+    assert_ne!(report["errors"], json!([]), "{report}");
 }
 
 #[test]

@@ -18,14 +18,7 @@ fn run(args: &[&str]) -> (bool, Value) {
 
 /// Every object the chart renders with `values`.
 fn render(values: Value) -> Vec<Value> {
-    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/helm/wsfleet");
-    let (ok, out) = run(&["chart", chart, &values.to_string()]);
-    assert!(ok, "render failed: {out}");
-    out.as_object()
-        .expect("map")
-        .values()
-        .flat_map(|docs| docs.as_array().cloned().unwrap_or_default())
-        .collect()
+    common::helm::chart_objects(&values)
 }
 
 fn render_error(values: Value) -> String {

@@ -55,14 +55,7 @@ fn validate(objects: &[Value]) -> Value {
 }
 
 fn rendered(values: Value) -> Vec<Value> {
-    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/helm/wsfleet");
-    let (ok, out) = common::helm::render_script(&["chart", chart, &values.to_string()]);
-    assert!(ok, "render {values} failed: {out}");
-    out.as_object()
-        .expect("map")
-        .values()
-        .flat_map(|docs| docs.as_array().cloned().unwrap_or_default())
-        .collect()
+    common::helm::chart_objects(&values)
 }
 
 fn assert_valid(what: &str, objects: &[Value]) {

@@ -50,6 +50,17 @@ pub fn render(args: &[&str]) -> Value {
     out
 }
 
+/// Every object the chart (helm/wsfleet) renders with `values`, in one list.
+pub fn chart_objects(values: &Value) -> Vec<Value> {
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/helm/wsfleet");
+    render(&["chart", chart, &values.to_string()])
+        .as_object()
+        .expect("map")
+        .values()
+        .flat_map(|docs| docs.as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
 /// Asserts that `template` of a chart rendering produced no document.
 pub fn assert_renders_nothing(rendered: &Value, template: &str) {
     assert!(

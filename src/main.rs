@@ -5,6 +5,10 @@ use wsfleet::controller;
 use wsfleet::gateway::{Gateway, shutdown_signal};
 use wsfleet::telemetry::logging;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

@@ -419,3 +419,39 @@ fn the_values_schema_refuses_wrong_values_with_the_path_that_is_wrong() {
     // Every value the chart ships with passes.
     render(json!({}));
 }
+
+/// Every `WSFLEET_*` variable `wsfleet serve` reads is set by the chart
+/// (from a value, a Secret or the downward API), so every flag is
+/// reachable from values.yaml, not only through extraEnv.
+#[test]
+fn every_serve_flag_is_reachable_from_the_chart() {
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_wsfleet"))
+        .args(["serve", "--help"])
+        .output()
+        .expect("wsfleet serve --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    let wanted: BTreeSet<&str> = help
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split(['=', ']']).next())
+        .collect();
+    assert!(wanted.len() > 30, "{wanted:?}");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/helm/wsfleet/templates");
+    let templates: String = std::fs::read_dir(dir)
+        .expect("templates")
+        .map(|e| std::fs::read_to_string(e.expect("entry").path()).expect("template"))
+        .collect();
+    let missing: Vec<&&str> = wanted
+        .iter()
+        .filter(|name| !templates.contains(**name))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not settable from the chart: {missing:?}"
+    );
+    // The new values render as plain numbers (no float notation).
+    let env = env_of(&render(json!({})), "wsfleet");
+    assert_eq!(env["WSFLEET_MAX_RETAINED_BYTES"]["value"], "268435456");
+    assert_eq!(env["WSFLEET_MAX_BATCH_BYTES"]["value"], "4194304");
+    assert_eq!(env["WSFLEET_RECONNECT_JITTER_MS"]["value"], "2000");
+}

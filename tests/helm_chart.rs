@@ -455,3 +455,35 @@ fn every_serve_flag_is_reachable_from_the_chart() {
     assert_eq!(env["WSFLEET_MAX_BATCH_BYTES"]["value"], "4194304");
     assert_eq!(env["WSFLEET_RECONNECT_JITTER_MS"]["value"], "2000");
 }
+
+/// helm/wsfleet/README.md lists every value with its default and comment,
+/// generated from values.yaml: it must be what the generator writes now.
+#[test]
+fn the_chart_readme_lists_every_value_as_values_yaml_has_it() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/chart-readme.py");
+    let out = std::process::Command::new(common::helm::python())
+        .args([script, "--check"])
+        .output()
+        .expect("run chart-readme.py");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let readme = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/helm/wsfleet/README.md"
+    ))
+    .expect("chart README");
+    for value in [
+        "`tracing.otlpEndpoint`",
+        "`networkPolicy.enabled`",
+        "`limits.maxBatchBytes`",
+        "`preStopSeconds`",
+    ] {
+        assert!(
+            readme.contains(value),
+            "{value} missing from the chart README"
+        );
+    }
+}

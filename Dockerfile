@@ -54,6 +54,12 @@ RUN groupadd --system --gid 10001 wsfleet \
 
 COPY --from=builder /out/wsfleet /usr/local/bin/wsfleet
 
+# OCI image annotations (https://github.com/opencontainers/image-spec).
+# The version must match Cargo.toml's (tests/image.rs checks it).
+LABEL org.opencontainers.image.title="wsfleet" \
+      org.opencontainers.image.description="Kubernetes-native WebSocket connection fleet: one image for serve and controller" \
+      org.opencontainers.image.version="0.1.0"
+
 USER 10001:10001
 
 # WebSocket (/ws), the HTTP API (/v1/...), /healthz, /readyz and /metrics all

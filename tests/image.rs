@@ -24,7 +24,7 @@ fn instruction(name: &str) -> String {
     runtime
         .lines()
         .filter_map(|l| l.strip_prefix(&format!("{name} ")))
-        .last()
+        .next_back()
         .unwrap_or_else(|| panic!("no {name} in the runtime stage"))
         .trim()
         .to_string()

@@ -200,9 +200,15 @@ pub(super) fn finish(
     response
 }
 
-/// The caller's W3C trace context, honoured as the parent of the request's span.
-pub(super) fn caller_trace(headers: &HeaderMap) -> Option<&str> {
-    headers.get("traceparent").and_then(|v| v.to_str().ok())
+/// Makes the caller's W3C trace context (`traceparent` header) the parent
+/// of the request's span. With traces off the header is not even looked up.
+pub(super) fn follow_caller(span: &tracing::Span, headers: &HeaderMap) {
+    if !span.is_disabled() {
+        otel::follow(
+            span,
+            headers.get("traceparent").and_then(|v| v.to_str().ok()),
+        );
+    }
 }
 
 /// Ends a traced request: records its status on the span.
@@ -218,7 +224,7 @@ pub async fn send_to_session(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let span = tracing::info_span!(target: otel::TARGET, "http.send", session = %session, otel.kind = "server", http.response.status_code = tracing::field::Empty);
-    otel::follow(&span, caller_trace(&headers));
+    follow_caller(&span, &headers);
     let result = async {
         let session = session_id(&session)?;
         let bytes = body_bytes(body)?;
@@ -244,7 +250,7 @@ pub async fn publish(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let span = tracing::info_span!(target: otel::TARGET, "http.publish", channel = %channel, otel.kind = "server", http.response.status_code = tracing::field::Empty);
-    otel::follow(&span, caller_trace(&headers));
+    follow_caller(&span, &headers);
     let result = async {
         let channel =
             ChannelName::parse(&channel).map_err(|e| ApiError::bad_request(e.to_string()))?;

@@ -33,7 +33,7 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::api::{body_bytes, caller_trace, finish, parse_idempotency_key, traced};
+use super::api::{body_bytes, finish, follow_caller, parse_idempotency_key, traced};
 use super::error::ApiError;
 use crate::bus::{Bus, Outgoing};
 use crate::protocol::{ChannelName, ErrorCode, Offset, SessionId};
@@ -245,7 +245,7 @@ pub async fn send_batch(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let span = tracing::info_span!(target: otel::TARGET, "http.batch", otel.kind = "server", messages = tracing::field::Empty, http.response.status_code = tracing::field::Empty);
-    otel::follow(&span, caller_trace(&headers));
+    follow_caller(&span, &headers);
     let result = async {
         let bytes = body_bytes(body)?;
         let items = parse_batch(

@@ -338,7 +338,9 @@ fn dispatch(bus: &RedisBus, entries: &[Entry]) {
                     if let Some(d) = bus.delivery(Some(&channel), stored) {
                         let span =
                             tracing::info_span!(target: otel::TARGET, "fanout", channel = %channel);
-                        otel::link(&span, Some(field(fields, "tp")));
+                        if !span.is_disabled() {
+                            otel::link(&span, Some(field(fields, "tp")));
+                        }
                         span.in_scope(|| bus.deliver_channel(&channel, &d));
                     }
                 }

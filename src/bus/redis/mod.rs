@@ -176,6 +176,8 @@ struct Appended {
     routed: bool,
     /// Remote targets the script could not route to (their inbox is gone).
     unrouted: Vec<String>,
+    /// The `append` span's W3C traceparent, when traces are on.
+    trace: Option<String>,
 }
 
 /// The keys of the log a message is appended to (see APPEND).
@@ -351,9 +353,36 @@ impl RedisBus {
         self.opts.route_in_script && !self.opts.target.cluster && self.replicas.is_none()
     }
 
+    /// Appends a message under `span` (the `append` trace span, whose
+    /// context the log entry carries) and counts it as accepted.
+    async fn append(
+        &self,
+        target: LogTarget<'_>,
+        idempotency: Option<String>,
+        msg: &Outgoing<'_>,
+        span: tracing::Span,
+    ) -> Result<Appended> {
+        let trace = otel::traceparent(&span);
+        let kind = if target.kind == "s" {
+            "session"
+        } else {
+            "channel"
+        };
+        let mut appended = self
+            .run_append(target, idempotency, msg, trace.as_deref())
+            .instrument(span)
+            .await?;
+        self.metrics
+            .messages_accepted
+            .with_label_values(&[kind])
+            .inc();
+        appended.trace = trace;
+        Ok(appended)
+    }
+
     /// Runs APPEND (or APPEND_ROUTE, see [`Self::routes_in_script`]) for a
     /// session or a channel.
-    async fn append(
+    async fn run_append(
         &self,
         target: LogTarget<'_>,
         idempotency: Option<String>,
@@ -420,6 +449,7 @@ impl RedisBus {
                 targets: None,
                 routed: in_script,
                 unrouted: Vec::new(),
+                trace: None,
             });
         }
         Ok(Appended {
@@ -428,6 +458,7 @@ impl RedisBus {
             targets: Some(targets),
             routed: in_script,
             unrouted,
+            trace: None,
         })
     }
 
@@ -670,32 +701,21 @@ impl Bus for RedisBus {
             .idempotency_key
             .map(|k| SessionKeys::idempotency(session, k));
         let span = tracing::info_span!(target: otel::TARGET, "append", session = %session, log = "session");
-        let trace = otel::traceparent(&span);
-        let appended = self
-            .append(
-                LogTarget {
-                    log: &keys.log,
-                    head: &keys.head,
-                    route: &keys.owner,
-                    kind: "s",
-                    name: session.as_str(),
-                },
-                idem,
-                &msg,
-                trace.as_deref(),
-            )
-            .instrument(span)
-            .await?;
-        self.metrics
-            .messages_accepted
-            .with_label_values(&["session"])
-            .inc();
+        let target = LogTarget {
+            log: &keys.log,
+            head: &keys.head,
+            route: &keys.owner,
+            kind: "s",
+            name: session.as_str(),
+        };
+        let appended = self.append(target, idem, &msg, span).await?;
         let Appended {
             offset,
             prev,
             targets,
             routed,
             unrouted,
+            trace,
         } = appended;
         let Some(targets) = targets else {
             return Ok(offset);
@@ -761,32 +781,21 @@ impl Bus for RedisBus {
             .idempotency_key
             .map(|k| ChannelKeys::idempotency(channel, k));
         let span = tracing::info_span!(target: otel::TARGET, "append", channel = %channel, log = "channel");
-        let trace = otel::traceparent(&span);
-        let appended = self
-            .append(
-                LogTarget {
-                    log: &keys.log,
-                    head: &keys.head,
-                    route: &keys.pods,
-                    kind: "c",
-                    name: channel.as_str(),
-                },
-                idem,
-                &msg,
-                trace.as_deref(),
-            )
-            .instrument(span)
-            .await?;
-        self.metrics
-            .messages_accepted
-            .with_label_values(&["channel"])
-            .inc();
+        let target = LogTarget {
+            log: &keys.log,
+            head: &keys.head,
+            route: &keys.pods,
+            kind: "c",
+            name: channel.as_str(),
+        };
+        let appended = self.append(target, idem, &msg, span).await?;
         let Appended {
             offset,
             prev,
             targets: pods,
             routed,
             unrouted,
+            trace,
         } = appended;
         let Some(pods) = pods else { return Ok(offset) };
         let accepted = now_ms();

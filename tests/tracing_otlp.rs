@@ -326,20 +326,23 @@ async fn one_trace_follows_a_message_from_the_post_on_one_pod_to_the_socket_on_a
     assert_eq!(connect.expect("found").attributes["session"], "s-traced");
 }
 
-/// Embedded mode (no Redis): the same spans in one process, the socket
-/// write a child of the append.
-#[tokio::test]
-async fn embedded_mode_traces_the_post_the_append_and_the_socket_write() {
-    let (collector, received) = start_receiver().await;
+/// An embedded `wsfleet serve` child exporting to `collector`, with `env`;
+/// returns it (killed on drop, with its log dir) and its address.
+async fn spawn_embedded(
+    collector: &str,
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, common::redis::TempDir, String) {
     let dir = common::redis::TempDir::new("embedded-otlp");
     let log = std::fs::File::create(dir.path().join("wsfleet.log")).expect("log file");
     let addr = format!("127.0.0.1:{}", common::redis::free_port());
-    let mut child = tokio::process::Command::new(common::redis::WSFLEET_BIN)
+    let child = tokio::process::Command::new(common::redis::WSFLEET_BIN)
         .args(["serve", "--listen", &addr, "--pod-name", "solo"])
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector)
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .env_remove("OTEL_SERVICE_NAME")
+        .env_remove("OTEL_TRACES_SAMPLER")
         .env_remove("WSFLEET_REDIS_URL")
+        .envs(env.iter().copied())
         .stdout(log.try_clone().expect("log file"))
         .stderr(log)
         .kill_on_drop(true)
@@ -351,6 +354,15 @@ async fn embedded_mode_traces_the_post_the_append_and_the_socket_write() {
         async move { common::http().get(&health).send().await.is_ok() }
     })
     .await;
+    (child, dir, addr)
+}
+
+/// Embedded mode (no Redis): the same spans in one process, the socket
+/// write a child of the append.
+#[tokio::test]
+async fn embedded_mode_traces_the_post_the_append_and_the_socket_write() {
+    let (collector, received) = start_receiver().await;
+    let (mut child, _dir, addr) = spawn_embedded(&collector, &[]).await;
 
     let mut client = common::Client::connect(&format!("ws://{addr}/ws?session=solo-1")).await;
     assert_eq!(client.recv_json().await["type"], "welcome");
@@ -451,4 +463,74 @@ async fn the_controllers_reconcile_is_a_span_with_its_decisions_as_events() {
         reconcile.events
     );
     let _ = provider.shutdown();
+}
+
+/// A malformed `traceparent` is ignored: the request is accepted and its
+/// span starts a trace of its own.
+#[tokio::test]
+async fn a_malformed_traceparent_starts_a_new_trace_and_the_request_still_works() {
+    let (collector, received) = start_receiver().await;
+    let (_child, _dir, addr) = spawn_embedded(&collector, &[]).await;
+    let accepted = post_traced(
+        &format!("http://{addr}/v1/sessions/solo-bad/messages"),
+        "00-not-a-trace-01",
+        json!(1),
+    )
+    .await;
+    assert!(accepted["offset"].is_string(), "{accepted}");
+    let mut span = None;
+    eventually_within(
+        Duration::from_secs(15),
+        "the http.send span of solo-bad",
+        || {
+            span = received
+                .lock()
+                .expect("receiver lock")
+                .iter()
+                .find(|s| {
+                    s.name == "http.send"
+                        && s.attributes.get("session").map(String::as_str) == Some("solo-bad")
+                })
+                .cloned();
+            let ok = span.is_some();
+            async move { ok }
+        },
+    )
+    .await;
+    let span = span.expect("found");
+    assert_eq!(span.parent, "", "no parent from a malformed header");
+    assert_eq!(span.trace_id.len(), 32);
+}
+
+/// OTEL_TRACES_SAMPLER is honoured: with `parentbased_always_off`, only a
+/// request whose caller sampled its trace is traced.
+#[tokio::test]
+async fn the_standard_sampler_variable_decides_what_is_exported() {
+    let (collector, received) = start_receiver().await;
+    let (_child, _dir, addr) = spawn_embedded(
+        &collector,
+        &[("OTEL_TRACES_SAMPLER", "parentbased_always_off")],
+    )
+    .await;
+    let url = format!("http://{addr}/v1/sessions/solo-sampled/messages");
+    // First without a caller trace (a root: not sampled), then with a
+    // sampled one. The batch processor exports in order, so once the
+    // second is in, the first would be too.
+    let (code, _) = common::post_json(&url, json!({"data": 1}), &[]).await;
+    assert_eq!(code, 202);
+    let sampled = "33333333333333333333333333333333";
+    post_traced(&url, &format!("00-{sampled}-4444444444444444-01"), json!(2)).await;
+    let http = wait_for(&received, "wsfleet", "http.send", sampled).await;
+    assert_eq!(http.parent, "4444444444444444");
+    let roots: Vec<Exported> = received
+        .lock()
+        .expect("receiver lock")
+        .iter()
+        .filter(|s| s.name == "http.send" && s.parent.is_empty())
+        .cloned()
+        .collect();
+    assert!(
+        roots.is_empty(),
+        "an unsampled root was exported: {roots:?}"
+    );
 }
